@@ -1,0 +1,39 @@
+# ds_quant: `make demo` shows it working, `make test` proves it. Both set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+NPROC  ?= 2
+DEMO   := out/demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch is pinned only where none is installed, so CPU machines get the CPU build, not a multi-GB CUDA one.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Calibrate, then quantize, the example model at TP=2 through the real deepspeed launcher.
+demo: setup
+	rm -rf $(DEMO) out/measure
+	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --quant-config examples/configs/maxabs_measure.json \
+		--save-reference $(DEMO)/bf16.pt --report $(DEMO)/measure.json
+	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --quant-config examples/configs/maxabs_quant.json \
+		--compare-to $(DEMO)/bf16.pt --report $(DEMO)/quant.json
+	@$(BIN)/python -c "import json; m, q = (json.load(open('$(DEMO)/' + f + '.json')) for f in ('measure', 'quant')); \
+		print(f'FP8 / bf16 weight bytes of the patched layers (rank 0): {q[\"weight_bytes\"] / m[\"weight_bytes\"]:.4f}')"
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf out .pytest_cache

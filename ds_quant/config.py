@@ -1,0 +1,285 @@
+"""Quantization config: HQT's JSON schema, loaded strictly.
+
+A config is a frozen dataclass. Loading validates every key and value and fails with one line that
+names the file, the key, the bad value and what is accepted. Loading has no side effects: it creates
+no directories and reads no ranks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "QUANT_CONFIG"
+CLI_FLAG = "--quant-config"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line that says what to fix."""
+
+
+class _CaseInsensitiveEnum(str, enum.Enum):
+    @classmethod
+    def parse(cls, value: Any, key: str, source: str) -> _CaseInsensitiveEnum:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value.lower() == value.strip().lower():
+                    return member
+        accepted = ", ".join(m.value for m in cls)
+        by_lower = {m.value.lower(): m.value for m in cls}
+        match = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+        hint = f" (did you mean '{by_lower[match[0]]}'?)" if match else ""
+        raise ConfigError(f"{source}: key '{key}': {value!r} is not one of: {accepted}{hint}")
+
+
+class Mode(_CaseInsensitiveEnum):
+    MEASURE = "MEASURE"
+    QUANTIZE = "QUANTIZE"
+
+
+class Observer(_CaseInsensitiveEnum):
+    MAXABS = "maxabs"
+
+
+class ScaleMethod(_CaseInsensitiveEnum):
+    UNIT_SCALE = "unit_scale"
+    MAXABS_HW = "maxabs_hw"
+    MAXABS_POW2 = "maxabs_pow2"
+    MAXABS_ARBITRARY = "maxabs_arbitrary"
+
+
+class MeasureExclude(_CaseInsensitiveEnum):
+    NONE = "NONE"
+    OUTPUT = "OUTPUT"
+    INPUT = "INPUT"
+    PARAMS = "PARAMS"
+    ALL = "ALL"
+
+
+class Fp8Format(_CaseInsensitiveEnum):
+    E4M3 = "E4M3"
+    E5M2 = "E5M2"
+
+
+# HQT values we recognise but do not implement: rejected with a specific reason, not "unknown".
+_HQT_ONLY_VALUES = {
+    "mode": {"NONE": "nothing to do; drop the config", "SHAPE": "shape dumps are Gaudi-only",
+             "LOAD": "use QUANTIZE with the merged measurement file"},
+    "observer": {"save": "tensor dumps are not supported; use 'maxabs'"},
+    "scale_method": {m: "not supported yet; use maxabs_hw, maxabs_pow2, maxabs_arbitrary or unit_scale"
+                     for m in ("maxabs_hw_opt_weight", "maxabs_pow2_opt_weight",
+                               "act_maxabs_hw_weights_pcs_maxabs_pow2", "act_maxabs_hw_weights_pcs_opt_pow2",
+                               "act_maxabs_pow2_weights_pcs_maxabs_pow2", "act_maxabs_pow2_weights_pcs_opt_pow2",
+                               "smoothquant_weights_output_channel_maxabs_pow2", "weaksmoothquant_weights_output_channel_maxabs_pow2",
+                               "smoothquant_opt")},
+}
+
+# Module types ds_quant patches (class names, as HQT's `types` lists name them).
+SUPPORTED_TYPES = ("Linear", "LinearLayer", "LinearAllreduce", "LmHeadLinearAllreduce")
+# Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
+HQT_OTHER_TYPES = ("Matmul", "Conv2d", "KVCache", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
+                   "FalconLinear", "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
+                   "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
+                   "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",
+                   "DynamicMoeRuntimeDequantFusedMoE", "EmbeddingBag", "Embedding")
+
+
+@dataclass(frozen=True)
+class ModuleFilter:
+    """`{"types": [...], "names": [...]}`: class names, and regexes searched in the module's name."""
+
+    types: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not self.types and not self.names
+
+    def matches(self, module_type_name: str, fqn: str) -> bool:
+        return module_type_name in self.types or any(re.search(p, fqn) for p in self.names)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "HOOKS"
+    mode: Mode = Mode.QUANTIZE
+    observer: Observer = Observer.MAXABS
+    allowlist: ModuleFilter = field(default_factory=ModuleFilter)
+    blocklist: ModuleFilter = field(default_factory=ModuleFilter)
+    dump_stats_path: str = "stats"
+    dump_stats_xlsx_path: str | None = None
+    scale_method: ScaleMethod = ScaleMethod.MAXABS_HW
+    measure_exclude: MeasureExclude = MeasureExclude.OUTPUT
+    fp8_config: Fp8Format = Fp8Format.E4M3
+    source: str = field(default="<dict>", compare=False)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> QuantConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: the config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        for legacy, new in (("whitelist", "allowlist"), ("blacklist", "blocklist")):
+            if legacy in data:
+                if new in data:
+                    raise ConfigError(f"{source}: keys '{legacy}' and '{new}' are the same setting; keep only '{new}'")
+                data[new] = data.pop(legacy)
+        unknown = [k for k in data if k not in _KEYS]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"{source}: unknown key '{k}'{_closest(k, _KEYS)}; accepted keys: {', '.join(_KEYS)}")
+        if "method" not in data:
+            raise ConfigError(f"{source}: key 'method' is required; set \"method\": \"HOOKS\"")
+        if str(data["method"]).upper() != "HOOKS":
+            raise ConfigError(f"{source}: key 'method': {data['method']!r} is not one of: HOOKS")
+        _reject_hqt_only(data, source)
+        cfg = cls(
+            method="HOOKS",
+            mode=Mode.parse(data.get("mode", "QUANTIZE"), "mode", source),
+            observer=Observer.parse(data.get("observer", "maxabs"), "observer", source),
+            allowlist=_parse_filter(data.get("allowlist", {}), "allowlist", source),
+            blocklist=_parse_filter(data.get("blocklist", {}), "blocklist", source),
+            dump_stats_path=_parse_path(data.get("dump_stats_path", "stats"), "dump_stats_path", source),
+            dump_stats_xlsx_path=_parse_optional_path(data.get("dump_stats_xlsx_path"), "dump_stats_xlsx_path", source),
+            scale_method=ScaleMethod.parse(data.get("scale_method", "maxabs_hw"), "scale_method", source),
+            measure_exclude=MeasureExclude.parse(data.get("measure_exclude", "OUTPUT"), "measure_exclude", source),
+            fp8_config=Fp8Format.parse(data.get("fp8_config", "E4M3"), "fp8_config", source),
+            source=source,
+        )
+        cfg._check_combinations()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> QuantConfig:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_env_or_args(cls, argv: Sequence[str] | None = None,
+                         env: Mapping[str, str] | None = None) -> QuantConfig | None:
+        """`--quant-config FILE` on the command line, else `QUANT_CONFIG`, else None."""
+        path = config_path_from_argv(sys.argv if argv is None else argv)
+        if path is None:
+            path = (os.environ if env is None else env).get(ENV_VAR) or None
+        return None if path is None else cls.from_json(path)
+
+    def with_mode(self, mode: Mode | str) -> QuantConfig:
+        return replace(self, mode=Mode.parse(mode, "mode", self.source))
+
+    # -- validation of combinations ----------------------------------------------------------------
+    def _check_combinations(self) -> None:
+        src = self.source
+        if self.mode is Mode.MEASURE and self.measure_exclude in (MeasureExclude.INPUT, MeasureExclude.ALL):
+            raise ConfigError(
+                f"{src}: key 'measure_exclude': {self.measure_exclude.value!r} with mode MEASURE records no inputs, "
+                "so QUANTIZE could not compute input scales; use OUTPUT (default), NONE or PARAMS")
+        for t in self.allowlist.types:
+            if t not in SUPPORTED_TYPES:
+                raise ConfigError(f"{src}: key 'allowlist.types': {t!r} is not a module type ds_quant can quantize; "
+                                  f"accepted: {', '.join(SUPPORTED_TYPES)}{_closest(t, SUPPORTED_TYPES)}")
+        both = set(self.allowlist.types) & set(self.blocklist.types)
+        if both:
+            raise ConfigError(f"{src}: keys 'allowlist.types' and 'blocklist.types' both list {sorted(both)}; "
+                              "a type cannot be allowed and blocked")
+
+
+_KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
+         "scale_method", "measure_exclude", "fp8_config")
+
+
+def config_path_from_argv(argv: Sequence[str]) -> str | None:
+    """The value of `--quant-config FILE` or `--quant-config=FILE` in argv, else None."""
+    for i, arg in enumerate(argv):
+        if arg == CLI_FLAG:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{CLI_FLAG} needs a file path, e.g. {CLI_FLAG} quant_config.json")
+            return argv[i + 1]
+        if arg.startswith(CLI_FLAG + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolve_config(config: QuantConfig | Mapping | str | os.PathLike | None) -> QuantConfig | None:
+    """An explicit config (object, dict or path) wins; else `--quant-config`; else `QUANT_CONFIG`."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QuantConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return QuantConfig.from_json(config)
+    if config is None:
+        return QuantConfig.from_env_or_args()
+    raise ConfigError(f"config must be a QuantConfig, a dict or a JSON path, got {type(config).__name__}")
+
+
+def _reject_hqt_only(data: Mapping[str, Any], source: str) -> None:
+    for key, values in _HQT_ONLY_VALUES.items():
+        value = data.get(key)
+        if isinstance(value, str):
+            for known, why in values.items():
+                if value.lower() == known.lower():
+                    raise ConfigError(f"{source}: key '{key}': {value!r} is an HQT value ds_quant does not support: {why}")
+
+
+def _parse_filter(value: Any, key: str, source: str) -> ModuleFilter:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: key '{key}' must be an object like {{\"types\": [], \"names\": []}}, "
+                          f"got {type(value).__name__}")
+    unknown = [k for k in value if k not in ("types", "names")]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{key}.{unknown[0]}'{_closest(unknown[0], ('types', 'names'))}; "
+                          "accepted: types, names")
+    out = {}
+    for sub in ("types", "names"):
+        items = value.get(sub, [])
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ConfigError(f"{source}: key '{key}.{sub}' must be a list of strings, got {items!r}")
+        out[sub] = tuple(items)
+    for t in out["types"]:
+        if t not in SUPPORTED_TYPES and t not in HQT_OTHER_TYPES:
+            raise ConfigError(f"{source}: key '{key}.types': unknown module type {t!r}"
+                              f"{_closest(t, SUPPORTED_TYPES + HQT_OTHER_TYPES)}; ds_quant quantizes: "
+                              f"{', '.join(SUPPORTED_TYPES)}")
+    for pattern in out["names"]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{source}: key '{key}.names': {pattern!r} is not a valid regex: {e}") from None
+    return ModuleFilter(**out)
+
+
+def _parse_path(value: Any, key: str, source: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{source}: key '{key}' must be a non-empty path string, got {value!r}")
+    if value.endswith("/"):
+        raise ConfigError(f"{source}: key '{key}': {value!r} ends with '/'; it is a file prefix, "
+                          f"e.g. {value}stats")
+    return value
+
+
+def _parse_optional_path(value: Any, key: str, source: str) -> str | None:
+    return None if value is None else _parse_path(value, key, source)
+
+
+def _closest(word: str, choices: Sequence[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -1,0 +1,53 @@
+"""Wrap `deepspeed.init_inference` so an unmodified script comes back measured or quantized.
+
+With `ds_quant.install()` active, every `init_inference` call reads the config from `--quant-config
+FILE` or `QUANT_CONFIG`; without either, it behaves exactly as DeepSpeed's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from .config import CLI_FLAG, ENV_VAR, QuantConfig
+from .prepare import prep_model
+
+_WRAPPED_ATTR = "__ds_quant_wrapped__"
+
+
+def install() -> None:
+    """Wrap `deepspeed.init_inference` (idempotent; imports DeepSpeed here, not at `import ds_quant`)."""
+    import deepspeed
+
+    if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False):
+        return
+    deepspeed.init_inference = _wrap(deepspeed.init_inference)
+
+
+def uninstall() -> None:
+    import deepspeed
+
+    original = getattr(deepspeed.init_inference, "__wrapped__", None)
+    if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False) and original is not None:
+        deepspeed.init_inference = original
+
+
+def _wrap(init_inference):
+    @functools.wraps(init_inference)
+    def init_inference_quantized(*args, **kwargs):
+        engine = init_inference(*args, **kwargs)
+        config = QuantConfig.from_env_or_args()
+        if config is not None:
+            # prep_model swaps submodules in place; the engine keeps the same module object.
+            engine.module = prep_model(engine.module, config)
+        return engine
+
+    setattr(init_inference_quantized, _WRAPPED_ATTR, True)
+    return init_inference_quantized
+
+
+def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `--quant-config FILE` to a script's parser (HQT's flag; `QUANT_CONFIG` is the env fallback)."""
+    parser.add_argument(CLI_FLAG, dest="quant_config", metavar="FILE", default=None,
+                        help=f"ds_quant JSON config (HQT schema); falls back to ${ENV_VAR}")
+    return parser

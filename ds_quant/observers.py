@@ -1,0 +1,46 @@
+"""Max-abs observer: what one rank sees flowing through one linear.
+
+Running maxima stay on the layer's device and never sync to the host during a forward; they are read
+once, when the shard is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import MeasureExclude
+from .scales import channel_amax, tensor_to_amax
+
+
+class MaxAbsObserver:
+    """Per-tensor and per-input-channel max-abs of a linear's (local) input, max-abs of its output."""
+
+    def __init__(self, in_features: int, exclude: MeasureExclude, device: torch.device | None = None):
+        self.measure_input = exclude not in (MeasureExclude.INPUT, MeasureExclude.ALL)
+        self.measure_output = exclude not in (MeasureExclude.OUTPUT, MeasureExclude.ALL)
+        self.measure_params = exclude not in (MeasureExclude.PARAMS, MeasureExclude.ALL)
+        self.input_channel_amax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.output_amax = torch.zeros((), dtype=torch.float32, device=device)
+        self.samples = 0  # rows (tokens) seen
+
+    def observe_input(self, x_local: torch.Tensor) -> None:
+        self.samples += x_local.shape[:-1].numel()
+        if self.measure_input:
+            torch.maximum(self.input_channel_amax, channel_amax(x_local), out=self.input_channel_amax)
+
+    def observe_output(self, y: torch.Tensor) -> None:
+        if self.measure_output:
+            torch.maximum(self.output_amax, tensor_to_amax(y), out=self.output_amax)
+
+    def stats(self, weight_local: torch.Tensor) -> dict:
+        """Plain-Python statistics (float / list of float / None) for the shard file."""
+        channels = self.input_channel_amax.cpu()
+        # An empty shard (DeepSpeed may give a rank 0 input channels) saw nothing: amax 0.
+        input_amax = float(channels.max()) if channels.numel() else 0.0
+        return {
+            "input_amax": input_amax if self.measure_input else None,
+            "input_channel_amax": channels.tolist() if self.measure_input else None,
+            "output_amax": float(self.output_amax) if self.measure_output else None,
+            "weight_amax": float(tensor_to_amax(weight_local)) if self.measure_params else None,
+            "samples": int(self.samples),
+        }

@@ -1,0 +1,71 @@
+"""One swap function, the allow/block filter, and the patched-modules report."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import QuantConfig
+from .tp import kind_of, unhandled_tp_reason
+
+Filter = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class Swapped:
+    name: str
+    old_type: str
+    new_type: str
+
+
+def make_filter(config: QuantConfig) -> Filter:
+    """Supported linears, in the allowlist (empty = all), not in the blocklist."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if kind_of(module) is None:
+            return False
+        type_name = type(module).__name__
+        if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
+            return False
+        return not config.blocklist.matches(type_name, fqn)
+
+    return keep
+
+
+def find(model: nn.Module, filter_fn: Filter) -> list[tuple[str, nn.Module]]:
+    return [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+
+
+def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
+         make: Callable[[nn.Module, str], nn.Module], progress=None) -> tuple[nn.Module, list[Swapped]]:
+    """Replace each target by `make(module, fqn)`, one at a time (peak memory: one layer's copy).
+    Returns the model (a new object only if the model itself was a target) and what was swapped."""
+    report = []
+    for fqn, module in targets if progress is None else progress(targets):
+        new = make(module, fqn)
+        report.append(Swapped(fqn, type(module).__name__, type(new).__name__))
+        if fqn == "":
+            model = new
+        else:
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+    return model, report
+
+
+def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """DeepSpeed TP layers (and nn.Linear subclasses) that stay in high precision, with the reason."""
+    return [(fqn, r) for fqn, m in model.named_modules() if (r := unhandled_tp_reason(m)) is not None]
+
+
+def format_report(report: list[Swapped]) -> str:
+    if not report:
+        return "Patched modules: none"
+    w = max(len(r.name) for r in report)
+    lines = [f"Patched modules ({len(report)}):", f"  {'name':<{w}}  {'original type':<22} new type"]
+    lines += [f"  {r.name:<{w}}  {r.old_type:<22} {r.new_type}" for r in report]
+    counts = Counter((r.old_type, r.new_type) for r in report)
+    lines += ["  count: " + ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(counts.items()))]
+    return "\n".join(lines)

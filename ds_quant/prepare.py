@@ -1,0 +1,148 @@
+"""Public entry points: `prep_model` (MEASURE or QUANTIZE a model) and `finish_measurements`."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from . import measurements
+from .config import ConfigError, Mode, QuantConfig, ScaleMethod, resolve_config
+from .log import get_logger, verbose
+from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
+from .patch import find, format_report, make_filter, skipped_tp_layers, swap
+from .tp import TPLayout
+
+_CONFIG_ATTR = "_ds_quant_config"
+
+
+def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike | None = None) -> nn.Module:
+    """Swap the model's linears for measured (MEASURE) or FP8 (QUANTIZE) twins, per the config.
+
+    `config`: a QuantConfig, a dict, or a JSON path; else `--quant-config FILE`, else `QUANT_CONFIG`.
+    Works on `engine.module` after `deepspeed.init_inference`, and on a plain single-process model.
+    """
+    cfg = resolve_config(config)
+    if cfg is None:
+        raise ConfigError("no quantization config: pass config=, --quant-config FILE, or set QUANT_CONFIG")
+    if any(isinstance(m, _TwinLinear) for m in model.modules()):
+        raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
+    targets = find(model, make_filter(cfg))
+    make = _measured_maker(cfg) if cfg.mode is Mode.MEASURE else _fp8_maker(cfg, targets)
+    model, report = swap(model, targets, make, progress=_progress(f"ds_quant {cfg.mode.value}"))
+    _log_outcome(model, cfg, report)
+    setattr(model, _CONFIG_ATTR, cfg)
+    if cfg.mode is Mode.MEASURE:
+        _save_at_exit(model)
+    return model
+
+
+def finish_measurements(model: nn.Module) -> str | None:
+    """Write this rank's shard and, on TP rank 0, the merged model-level file. Collective over the TP
+    group: every rank must call it. Returns the merged file's path on rank 0."""
+    cfg: QuantConfig | None = getattr(model, _CONFIG_ATTR, None)
+    measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
+    if cfg is None or not measured:
+        raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
+    rank, world, group = _tp_position(measured.values())
+    if world == 1 and _global_rank() != 0:
+        return None  # a replicated single-rank model: one writer is enough
+    layers = {n: m.stats() for n, m in measured.items()}
+    dtype = str(next(iter(measured.values())).weight.dtype).replace("torch.", "")
+    out = measurements.save(layers, cfg.dump_stats_path, rank, world, group, cfg.observer.value, dtype)
+    log = get_logger()
+    log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
+             + (f" and merged {out} ({len(layers)} layers)" if out else ""))
+    if cfg.dump_stats_xlsx_path and out:
+        log.warning(f"dump_stats_xlsx_path={cfg.dump_stats_xlsx_path!r}: the statistics workbook is not written "
+                    "by this version; the JSON files hold the statistics")
+    model._ds_quant_finished = True
+    return out
+
+
+# -- MEASURE / QUANTIZE makers -------------------------------------------------------------------------
+def _measured_maker(cfg: QuantConfig):
+    def make(module: nn.Module, fqn: str) -> MeasuredLinear:
+        return MeasuredLinear.from_original(module, fqn, cfg)
+
+    return make
+
+
+def _fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
+    if cfg.scale_method is ScaleMethod.UNIT_SCALE:
+        return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None)
+    rank, world, _ = _tp_position(TPLayout.of(m) for _, m in targets) if targets else (0, 1, None)
+    doc, where = measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
+    # Validate every layer before swapping any: a failure leaves the model untouched.
+    wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in targets}
+    measurements.check_layers(doc, where, wanted)
+    get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
+    return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"][fqn])
+
+
+# -- helpers for the above -------------------------------------------------------------------------------
+def _tp_position(items) -> tuple[int, int, object]:
+    """(tp rank, tp size, group) of the first tensor-parallel layer; (0, 1, None) if there is none."""
+    for item in items:
+        layout = item.layout if isinstance(item, _TwinLinear) else item
+        if layout.tp_size > 1:
+            return layout.tp_rank, layout.tp_size, layout.mp_group
+    return 0, 1, None
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _progress(desc: str):
+    def wrap(items):
+        if len(items) < 8 or _global_rank() != 0:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="layer", leave=False)
+
+    return wrap
+
+
+def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
+    log = get_logger()
+    for fqn, reason in skipped_tp_layers(model):
+        log.info(f"left in high precision: {fqn}: {reason}")
+    fallbacks = {}
+    for m in model.modules():
+        if isinstance(m, Fp8Linear) and m.fallback_reason:
+            fallbacks.setdefault(m.fallback_reason, []).append(m.name)
+    for reason, names in fallbacks.items():
+        log.info(f"{len(names)} layer(s) use dequantize-then-matmul instead of torch._scaled_mm ({reason}): "
+                 f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if _global_rank() == 0:
+        log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
+        if verbose():
+            print(format_report(report), flush=True)
+
+
+def _save_at_exit(model: nn.Module) -> None:
+    """Scripts that never call finish_measurements still get their measurements at interpreter exit."""
+    ref = weakref.ref(model)
+
+    def finish() -> None:
+        m = ref()
+        if m is None or getattr(m, "_ds_quant_finished", False):
+            return  # the script saved them itself
+        measured = [x for x in m.modules() if isinstance(x, MeasuredLinear)]
+        import torch.distributed as dist
+
+        if any(x.layout.tp_size > 1 for x in measured) and not (dist.is_available() and dist.is_initialized()):
+            get_logger().warning("exit: the process group is gone, cannot gather shards; call "
+                                 "ds_quant.finish_measurements(model) before destroying it")
+            return
+        with torch.no_grad():
+            finish_measurements(m)
+
+    atexit.register(finish)

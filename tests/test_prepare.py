@@ -1,0 +1,198 @@
+"""prep_model on plain single-process models: filters, swap, MEASURE -> QUANTIZE, errors, save at exit."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ds_quant
+from ds_quant.measurements import MeasurementError
+from ds_quant.modules import Fp8Linear, MeasuredLinear
+from ds_quant.scales import sqnr_db
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.mlp = nn.ModuleDict({"up_proj": nn.Linear(32, 96), "down_proj": nn.Linear(96, 32, bias=False)})
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return self.norm(x + self.mlp["down_proj"](torch.relu(self.mlp["up_proj"](x))))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(32, 50)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(x)
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Tiny().to(torch.bfloat16).eval()
+
+
+def cfg(tmp_path, **kw):
+    return {"method": "HOOKS", "dump_stats_path": str(tmp_path / "m" / "stats"), **kw}
+
+
+def calibrate(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 7, 32, dtype=torch.bfloat16))
+
+
+def linear_types(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if "Linear" in type(m).__name__}
+
+
+def test_measure_then_quantize_single_process(tmp_path):
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    ref = tiny()(x)
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    assert set(linear_types(measured).values()) == {"MeasuredLinear"} and len(linear_types(measured)) == 9
+    with torch.no_grad():
+        assert torch.equal(measured(x), ref), "MEASURE must compute exactly what the original computes"
+    calibrate(measured)
+    assert ds_quant.finish_measurements(measured) == str(tmp_path / "m" / "stats.json")
+    assert (tmp_path / "m" / "stats_0_1.json").exists()
+    doc = json.loads((tmp_path / "m" / "stats.json").read_text())
+    rec = doc["layers"]["blocks.0.mlp.up_proj"]
+    assert rec["samples"] == 3 * 4 * 7 + 2 * 5 and len(rec["input_channel_amax"]) == 32
+    assert rec["output_amax"] is None  # HQT's default measure_exclude is OUTPUT
+
+    quant = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="QUANTIZE"))
+    assert set(linear_types(quant).values()) == {"Fp8Linear"}
+    assert all(m.weight.dtype is torch.float8_e4m3fn for m in quant.modules() if isinstance(m, Fp8Linear))
+    with torch.no_grad():
+        y = quant(x)
+    # 5 quantized GEMMs in series through residuals and LayerNorms; per-GEMM noise is ~26 dB (see
+    # test_scales), and accumulating it over depth costs a few dB: 18 dB still fails on any scale bug.
+    assert y.dtype is torch.bfloat16 and sqnr_db(ref.float(), y.float()) > 18
+
+
+def test_allowlist_blocklist_by_type_and_regex(tmp_path):
+    model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE", allowlist={"names": [r"blocks\.\d+\.mlp"]},
+                                            blocklist={"names": [r"down_proj$"]}))
+    patched = {n for n, t in linear_types(model).items() if t == "MeasuredLinear"}
+    assert patched == {"blocks.0.mlp.up_proj", "blocks.1.mlp.up_proj"}
+    model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE", blocklist={"names": ["lm_head"]}))
+    assert linear_types(model)["lm_head"] == "Linear" and len(
+        [t for t in linear_types(model).values() if t == "MeasuredLinear"]) == 8
+    model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE", allowlist={"types": ["LinearAllreduce"]}))
+    assert "MeasuredLinear" not in linear_types(model).values()  # plain model: no DeepSpeed layers to allow
+
+
+def test_subclasses_are_not_matched_by_accident(tmp_path):
+    model = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8))
+    ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
+    assert [type(m).__name__ for m in model] == ["MyLinear", "MeasuredLinear"]
+
+
+def test_model_that_is_a_linear(tmp_path):
+    model = ds_quant.prep_model(nn.Linear(8, 4), cfg(tmp_path, mode="MEASURE"))
+    assert isinstance(model, MeasuredLinear)
+
+
+def test_unit_scale_needs_no_measurements(tmp_path):
+    model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="QUANTIZE", scale_method="unit_scale"))
+    assert all(m.input_scale.item() == 1.0 for m in model.modules() if isinstance(m, Fp8Linear))
+
+
+def test_missing_measurements_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(MeasurementError, match=r"no measurements at .*stats\.json .*run MEASURE first"):
+        ds_quant.prep_model(tiny(), cfg(tmp_path, mode="QUANTIZE"))
+
+
+def test_layers_without_measurements_are_named_and_model_is_untouched(tmp_path):
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE", blocklist={"names": ["lm_head"]}))
+    calibrate(measured)
+    ds_quant.finish_measurements(measured)
+    model = tiny()
+    with pytest.raises(MeasurementError, match=r"no measurements for layers \['lm_head'\]"):
+        ds_quant.prep_model(model, cfg(tmp_path, mode="QUANTIZE"))
+    assert "Fp8Linear" not in linear_types(model).values()
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    calibrate(measured)
+    ds_quant.finish_measurements(measured)
+    other = tiny()
+    other.lm_head = nn.Linear(32, 60)
+    with pytest.raises(MeasurementError, match=r"lm_head: measured 50x32, model 60x32"):
+        ds_quant.prep_model(other, cfg(tmp_path, mode="QUANTIZE"))
+
+
+def test_changed_weights_are_caught(tmp_path):
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    calibrate(measured)
+    ds_quant.finish_measurements(measured)
+    other = tiny()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(10)
+    with pytest.raises(ValueError, match="layer 'lm_head': weight max-abs .* weights changed since MEASURE"):
+        ds_quant.prep_model(other, cfg(tmp_path, mode="QUANTIZE"))
+
+
+def test_prepare_twice_is_refused(tmp_path):
+    model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    with pytest.raises(RuntimeError, match="already prepared"):
+        ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
+
+
+def test_no_config_anywhere(monkeypatch):
+    monkeypatch.delenv("QUANT_CONFIG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["x"])
+    with pytest.raises(ds_quant.ConfigError, match="no quantization config"):
+        ds_quant.prep_model(tiny())
+
+
+def test_patched_modules_table_with_quant_verbose(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch, ds_quant
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        ds_quant.prep_model(model, {{"method": "HOOKS", "mode": "MEASURE", "dump_stats_path": "{tmp_path}/s"}})
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"QUANT_VERBOSE": "1", "PATH": "/usr/bin:/bin"})
+    assert "Patched modules (2):" in out.stdout and "count: 2 Linear -> MeasuredLinear" in out.stdout
+    assert "[ds_quant rank 0] INFO MEASURE: patched 2 linear layer(s)" in out.stderr
+
+
+def test_measurements_saved_at_exit_without_finish(tmp_path):
+    """A script that never calls finish_measurements (QUANT_CONFIG from the environment) still leaves files."""
+    script = textwrap.dedent("""
+        import torch, ds_quant
+        model = ds_quant.prep_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        model(torch.ones(3, 4))
+    """)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"method": "HOOKS", "mode": "MEASURE", "dump_stats_path": str(tmp_path / "s")}))
+    subprocess.run([sys.executable, "-c", script], check=True, env={"QUANT_CONFIG": str(config), "PATH": "/usr/bin"})
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["layers"]["0"]["samples"] == 3 and doc["layers"]["0"]["input_amax"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "s.json", "s_0_1.json"]  # no temp files
+
+
+def test_import_does_not_import_deepspeed():
+    code = "import sys, ds_quant; assert 'deepspeed' not in sys.modules, 'ds_quant imported deepspeed'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
