@@ -56,6 +56,25 @@ class ScaleMethod(_CaseInsensitiveEnum):
     MAXABS_HW = "maxabs_hw"
     MAXABS_POW2 = "maxabs_pow2"
     MAXABS_ARBITRARY = "maxabs_arbitrary"
+    MAXABS_HW_OPT_WEIGHT = "maxabs_hw_opt_weight"
+    MAXABS_POW2_OPT_WEIGHT = "maxabs_pow2_opt_weight"
+    ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2 = "act_maxabs_hw_weights_pcs_maxabs_pow2"
+    ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2 = "act_maxabs_hw_weights_pcs_opt_pow2"
+    ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2 = "act_maxabs_pow2_weights_pcs_maxabs_pow2"
+    ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2 = "act_maxabs_pow2_weights_pcs_opt_pow2"
+    # Beyond HQT: activation scales per token at run time (no measurements needed), weights per channel.
+    ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS = "act_dynamic_per_token_weights_pcs"
+
+
+class DeviceForScales(_CaseInsensitiveEnum):
+    CUDA = "cuda"
+    GAUDI2 = "gaudi2"
+    GAUDI3 = "gaudi3"
+
+
+class ActScope(_CaseInsensitiveEnum):
+    GLOBAL = "global"  # one input scale per layer, whatever the TP size (TP-invariant)
+    RANK = "rank"  # each rank's scale from the channel statistics of its own input slice
 
 
 class MeasureExclude(_CaseInsensitiveEnum):
@@ -76,12 +95,9 @@ _HQT_ONLY_VALUES = {
     "mode": {"NONE": "nothing to do; drop the config", "SHAPE": "shape dumps are Gaudi-only",
              "LOAD": "use QUANTIZE with the merged measurement file"},
     "observer": {"save": "tensor dumps are not supported; use 'maxabs'"},
-    "scale_method": {m: "not supported yet; use maxabs_hw, maxabs_pow2, maxabs_arbitrary or unit_scale"
-                     for m in ("maxabs_hw_opt_weight", "maxabs_pow2_opt_weight",
-                               "act_maxabs_hw_weights_pcs_maxabs_pow2", "act_maxabs_hw_weights_pcs_opt_pow2",
-                               "act_maxabs_pow2_weights_pcs_maxabs_pow2", "act_maxabs_pow2_weights_pcs_opt_pow2",
-                               "smoothquant_weights_output_channel_maxabs_pow2", "weaksmoothquant_weights_output_channel_maxabs_pow2",
-                               "smoothquant_opt")},
+    "scale_method": {m: "SmoothQuant is not supported; use a maxabs or pcs method"
+                     for m in ("smoothquant_weights_output_channel_maxabs_pow2",
+                               "weaksmoothquant_weights_output_channel_maxabs_pow2", "smoothquant_opt")},
 }
 
 # Module types ds_quant patches (class names, as HQT's `types` lists name them).
@@ -120,7 +136,19 @@ class QuantConfig:
     scale_method: ScaleMethod = ScaleMethod.MAXABS_HW
     measure_exclude: MeasureExclude = MeasureExclude.OUTPUT
     fp8_config: Fp8Format = Fp8Format.E4M3
+    device_for_scales: DeviceForScales = DeviceForScales.CUDA
+    input_backoff: float = 0.25  # HQT's: activations use a quarter of the FP8 range (headroom)
+    weight_backoff: float = 0.5  # HQT's: weights are known exactly; half the range
+    scale_method_overrides: tuple[tuple[str, ScaleMethod], ...] = ()  # (name regex, method), first match wins
+    act_scope: ActScope = ActScope.GLOBAL
     source: str = field(default="<dict>", compare=False)
+
+    def method_for(self, fqn: str) -> ScaleMethod:
+        """The scale method of one layer: the first override whose regex is found in its name, else the default."""
+        for pattern, method in self.scale_method_overrides:
+            if re.search(pattern, fqn):
+                return method
+        return self.scale_method
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -153,6 +181,11 @@ class QuantConfig:
             scale_method=ScaleMethod.parse(data.get("scale_method", "maxabs_hw"), "scale_method", source),
             measure_exclude=MeasureExclude.parse(data.get("measure_exclude", "OUTPUT"), "measure_exclude", source),
             fp8_config=Fp8Format.parse(data.get("fp8_config", "E4M3"), "fp8_config", source),
+            device_for_scales=DeviceForScales.parse(data.get("device_for_scales", "cuda"), "device_for_scales",
+                                                    source),
+            **_parse_scale_params(data.get("scale_params", {}), source),
+            scale_method_overrides=_parse_overrides(data.get("scale_method_overrides", {}), source),
+            act_scope=ActScope.parse(data.get("act_scope", "global"), "act_scope", source),
             source=source,
         )
         cfg._check_combinations()
@@ -203,7 +236,38 @@ class QuantConfig:
 
 
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
-         "scale_method", "measure_exclude", "fp8_config")
+         "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
+         "scale_method_overrides", "act_scope")
+
+
+def _parse_scale_params(value: Any, source: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: key 'scale_params' must be an object like {{\"input_backoff\": 0.25}}")
+    out = {}
+    for key, v in value.items():
+        if key not in ("input_backoff", "weight_backoff"):
+            raise ConfigError(f"{source}: unknown key 'scale_params.{key}'"
+                              f"{_closest(key, ('input_backoff', 'weight_backoff'))}; accepted: input_backoff, "
+                              "weight_backoff")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ConfigError(f"{source}: key 'scale_params.{key}': {v!r} must be a number in (0, 1]: the fraction "
+                              "of the FP8 range the measured max-abs maps to")
+        out[key] = float(v)
+    return out
+
+
+def _parse_overrides(value: Any, source: str) -> tuple[tuple[str, ScaleMethod], ...]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: key 'scale_method_overrides' must be an object of name regex -> scale method, "
+                          "e.g. {\"lm_head\": \"maxabs_pow2\"}")
+    out = []
+    for pattern, method in value.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{source}: key 'scale_method_overrides': {pattern!r} is not a valid regex: {e}") from None
+        out.append((pattern, ScaleMethod.parse(method, f"scale_method_overrides.{pattern}", source)))
+    return tuple(out)
 
 
 def config_path_from_argv(argv: Sequence[str]) -> str | None:

@@ -11,9 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MeasureExclude, QuantConfig
+from .config import ActScope, MeasureExclude, QuantConfig
 from .observers import MaxAbsObserver
-from .scales import INPUT_BACKOFF, WEIGHT_BACKOFF, amax_to_scale, fp8_dtype, tensor_to_amax, to_fp8_saturated
+from .scales import (
+    PROFILES,
+    RECIPES,
+    Act,
+    fp8_dtype,
+    input_to_scale,
+    per_token_scale,
+    tensor_to_amax,
+    to_fp8_saturated,
+    weight_to_scale,
+)
 from .tp import Kind, TPLayout
 
 
@@ -80,70 +90,109 @@ class MeasuredLinear(_TwinLinear):
         return f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, samples={self.observer.samples}"
 
 
-def scaled_mm_unsupported_reason(device: torch.device, out_features: int, in_features: int) -> str | None:
+def scaled_mm_unsupported_reason(device: torch.device, out_features: int, in_features: int,
+                                 rowwise: bool = False) -> str | None:
     """Why `torch._scaled_mm` cannot run this GEMM here, or None if it can."""
     if in_features == 0 or out_features == 0:
         return "empty shard (DeepSpeed gave this rank no channels)"
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 9):
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
             return "this GPU has no FP8 GEMM (needs compute capability 8.9+)"
         if in_features % 16 or out_features % 16:
             return "in/out features not multiples of 16"
+        if rowwise and capability < (9, 0):
+            return "rowwise scales need compute capability 9.0+; scales applied to the output instead"
         return None
     return f"no FP8 GEMM on device type {device.type}"
 
 
 class Fp8Linear(_TwinLinear):
-    """FP8 weight (per-tensor scale), activation cast with a static per-tensor scale, GEMM in FP8,
-    output in the model dtype. Exposes `weight` (fp8), `weight_scale` and `input_scale` (float32)."""
+    """FP8 weight with per-tensor or per-output-channel scales; activations cast with a static per-tensor
+    scale (from the measurements) or dynamic per-token scales; GEMM in FP8, output in the model dtype.
+    Exposes `weight` (fp8), `weight_scale` (float32, () or (out,)) and `input_scale` (float32 (), or None
+    when dynamic)."""
 
     def __init__(self, name: str, layout: TPLayout, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-                 input_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+                 input_scale: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                 act_limit: float):
         super().__init__(name, layout, bias, out_dtype)
         self.weight = nn.Parameter(weight_fp8, requires_grad=False)
-        self.register_buffer("weight_scale", weight_scale.float().reshape(()))
-        self.register_buffer("input_scale", input_scale.float().reshape(()))
-        self.fallback_reason = scaled_mm_unsupported_reason(weight_fp8.device, *weight_fp8.shape)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
+        self.act_limit = act_limit  # +-fp8 max of the device profile (240 on Gaudi2)
+        self.rowwise = input_scale is None or weight_scale.dim() == 1
+        # Rowwise GEMMs take the weight scales as a (1, N) row; built once, not per forward.
+        self.register_buffer("_scale_b_row", weight_scale.float().expand(weight_fp8.shape[0]).reshape(1, -1).clone()
+                             if self.rowwise else None, persistent=False)
+        self.fallback_reason = scaled_mm_unsupported_reason(weight_fp8.device, *weight_fp8.shape,
+                                                            rowwise=self.rowwise)
 
     @classmethod
     def from_original(cls, module: nn.Module, name: str, config: QuantConfig, record: dict | None) -> Fp8Linear:
-        """`record` is the layer's measurement (None only for unit_scale)."""
+        """`record` is the layer's measurement (None when the method needs none)."""
+        layout = TPLayout.of(module)
+        recipe = RECIPES[config.method_for(name)]
         dtype = fp8_dtype(config.fp8_config)
+        profile = PROFILES[config.device_for_scales]
         w_hp = module.weight.detach()
-        w_amax = tensor_to_amax(w_hp)
+        reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
+        weight_scale = weight_to_scale(w_hp, recipe, dtype, profile, config.weight_backoff, reduce_max, reduce_sum)
         if record is not None and record.get("weight_amax") is not None:
-            measured = torch.tensor(record["weight_amax"], dtype=torch.float32)
-            # The measured amax covers the whole (unsharded) weight, so every TP size quantizes every
-            # element with the same scale. A local shard above it means the weights changed since MEASURE.
-            if float(w_amax) > float(measured) * (1 + 1e-3) + 1e-12:
-                raise ValueError(f"layer '{name}': weight max-abs {float(w_amax):.6g} exceeds the measured "
-                                 f"{float(measured):.6g}; the weights changed since MEASURE. Measure again.")
-            w_amax = measured
-        weight_scale = amax_to_scale(w_amax, config.scale_method, dtype, WEIGHT_BACKOFF).to(w_hp.device)
-        input_amax = torch.tensor(record["input_amax"] if record else 0.0, dtype=torch.float32)
-        input_scale = amax_to_scale(input_amax, config.scale_method, dtype, INPUT_BACKOFF).to(w_hp.device)
-        w_fp8 = to_fp8_saturated(w_hp, weight_scale, dtype)
-        return cls(name, TPLayout.of(module), w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype)
+            _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
+        input_scale = None
+        if recipe.act is not Act.DYNAMIC:
+            amax = torch.tensor(input_amax(record, layout, config.act_scope) if record else 0.0, device=w_hp.device)
+            input_scale = input_to_scale(amax, recipe, dtype, profile, config.input_backoff)
+        w_scale_rows = weight_scale[:, None] if weight_scale.dim() == 1 else weight_scale
+        w_fp8 = to_fp8_saturated(w_hp, w_scale_rows, dtype, profile.fp8_max(dtype))
+        return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype))
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x_local.shape[:-1]
         x_2d = x_local.reshape(-1, x_local.shape[-1])  # (M, K)
-        x_fp8 = to_fp8_saturated(x_2d, self.input_scale, self.weight.dtype)
+        scale_a = per_token_scale(x_2d, self.act_limit) if self.input_scale is None else self.input_scale
+        x_fp8 = to_fp8_saturated(x_2d, scale_a, self.weight.dtype, self.act_limit)
+        scale_b = self.weight_scale
+        if self.rowwise:  # (M, 1) x (1, N): every combination of per-tensor / per-token / per-channel
+            if scale_a.dim() == 0:
+                scale_a = scale_a.reshape(1, 1).repeat(x_2d.shape[0], 1)  # materialised: stride (1, 1)
+            scale_b = self._scale_b_row
         if self.fallback_reason is None:
             # mat2 must be column-major: weight is (N, K) row-major, so .t() is (K, N) column-major.
-            y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
+            y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=self.out_dtype)
         else:
-            # Same scales, same FP8 values: dequantize and multiply in float32, as the FP8 GEMM accumulates.
-            y = (torch.matmul(x_fp8.float(), self.weight.float().t()) * (self.input_scale * self.weight_scale))
-            y = y.to(self.out_dtype)
+            # Same FP8 values and scales; accumulate in float32 as the FP8 GEMM does, then apply the scales.
+            y = (torch.matmul(x_fp8.float(), self.weight.float().t()) * scale_a * scale_b).to(self.out_dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         path = "scaled_mm" if self.fallback_reason is None else f"dequant ({self.fallback_reason})"
+        act = "dynamic per-token" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
+        w = "per-channel" if self.weight_scale.dim() else f"weight_scale={float(self.weight_scale):.4g}"
         return (f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, {self.weight.dtype}, "
-                f"input_scale={float(self.input_scale):.4g}, weight_scale={float(self.weight_scale):.4g}, {path}")
+                f"{act}, {w}, {path}")
+
+
+def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:
+    """The measured input max-abs this rank scales with: the layer's (global, TP-invariant), or, with
+    act_scope "rank", the max over this rank's slice of the per-channel statistics."""
+    channels = record.get("input_channel_amax")
+    part = layout.input_slice()
+    if act_scope is ActScope.RANK and part is not None and channels is not None and \
+            len(channels) == record["in_features"]:
+        return max(channels[part], default=0.0)
+    return record["input_amax"]
+
+
+def _check_weights_unchanged(name: str, w_hp: torch.Tensor, measured_amax: float, layout: TPLayout) -> None:
+    # The measurement covers the whole (unsharded) weight; above it means the weights changed since MEASURE.
+    reduce_max, _ = layout.reducers(per_channel=False)
+    amax = float(reduce_max(tensor_to_amax(w_hp)))
+    if amax > measured_amax * (1 + 1e-3) + 1e-12:
+        raise ValueError(f"layer '{name}': weight max-abs {amax:.6g} exceeds the measured {measured_amax:.6g}; "
+                         "the weights changed since MEASURE. Measure again.")

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from . import measurements
-from .config import ConfigError, Mode, QuantConfig, ScaleMethod, resolve_config
+from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .log import get_logger, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
 from .patch import find, format_report, make_filter, skipped_tp_layers, swap
+from .scales import RECIPES
 from .tp import TPLayout
 
 _CONFIG_ATTR = "_ds_quant_config"
@@ -72,15 +73,18 @@ def _measured_maker(cfg: QuantConfig):
 
 
 def _fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
-    if cfg.scale_method is ScaleMethod.UNIT_SCALE:
+    # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
+    measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
+    if not measured:
         return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None)
-    rank, world, _ = _tp_position(TPLayout.of(m) for _, m in targets) if targets else (0, 1, None)
+    rank, world, _ = _tp_position(TPLayout.of(m) for _, m in measured)
     doc, where = measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
     # Validate every layer before swapping any: a failure leaves the model untouched.
-    wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in targets}
+    wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in measured}
     measurements.check_layers(doc, where, wanted)
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
-    return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"][fqn])
+    return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
+                                                       else None)
 
 
 # -- helpers for the above -------------------------------------------------------------------------------

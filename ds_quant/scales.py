@@ -1,32 +1,112 @@
-"""Scale math, pure: amax -> scale -> saturating FP8 cast.
+"""Scale math, pure: amax -> scale -> saturating FP8 cast, for every scale method.
 
 Convention (the one `torch._scaled_mm` uses): `x_fp8 = saturate(x_hp / scale)` and `x_hp ~= x_fp8 * scale`,
 with `scale = amax / (fp8_max * backoff)` rounded per method. A scale is never zero, inf or NaN.
+
+Collectives stay outside: functions that need statistics over a tensor-parallel group take
+`reduce_max` / `reduce_sum` callables (identity in a single process).
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .config import Fp8Format, ScaleMethod
+from .config import DeviceForScales, Fp8Format, ScaleMethod
 
-# HQT's defaults: activations use a quarter of the FP8 range (headroom for values beyond the
-# calibration set), weights half of it (weights are known exactly, but rounding near the top of the
-# range is coarse).
+# HQT's defaults (also QuantConfig's): activations map their max-abs to a quarter of the FP8 range
+# (headroom for values beyond the calibration set), weights to half of it.
 INPUT_BACKOFF = 0.25
 WEIGHT_BACKOFF = 0.5
+OPT_CANDIDATES = 8  # opt methods try scale, scale/2, ..., scale/2^7: from "maxabs" to clipping 128x
 
 _FP8_DTYPES = {Fp8Format.E4M3: torch.float8_e4m3fn, Fp8Format.E5M2: torch.float8_e5m2}
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# -- device profiles ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the FP8 hardware can do: its E4M3 maximum and the scales its GEMM takes for free."""
+
+    name: str
+    e4m3_max: float  # Gaudi2's E4M3 stops at 240; CUDA's float8_e4m3fn at 448
+    hw_scales: tuple[float, ...] | None = None  # an explicit set (Gaudi2)
+    pow2_range: tuple[int, int] | None = None  # any power of two 2^lo..2^hi (Gaudi3); neither: any float32
+
+    def fp8_max(self, dtype: torch.dtype) -> float:
+        return self.e4m3_max if dtype is torch.float8_e4m3fn else float(torch.finfo(dtype).max)
+
+
+PROFILES = {
+    DeviceForScales.CUDA: DeviceProfile("cuda", 448.0),
+    DeviceForScales.GAUDI2: DeviceProfile("gaudi2", 240.0, hw_scales=(2.0**4, 2.0**0, 2.0**-4, 2.0**-8)),
+    DeviceForScales.GAUDI3: DeviceProfile("gaudi3", 448.0, pow2_range=(-55, 7)),
+}
+
+
+# -- recipes: what each method does to activations and weights ------------------------------------------------
+class Rounding(str, enum.Enum):
+    NONE = "none"
+    POW2 = "pow2"
+    HW = "hw"
+
+
+class Act(str, enum.Enum):
+    UNIT = "unit"
+    STATIC = "static"  # per tensor, from the measurements
+    DYNAMIC = "dynamic"  # per token, computed at run time
+
+
+@dataclass(frozen=True)
+class Recipe:
+    act: Act
+    act_rounding: Rounding
+    weight_unit: bool = False
+    weight_per_channel: bool = False
+    weight_rounding: Rounding = Rounding.NONE
+    weight_opt: bool = False
+
+    @property
+    def needs_measurements(self) -> bool:
+        return self.act is Act.STATIC
+
+
+_M = ScaleMethod
+RECIPES = {
+    _M.UNIT_SCALE: Recipe(Act.UNIT, Rounding.NONE, weight_unit=True),
+    _M.MAXABS_HW: Recipe(Act.STATIC, Rounding.HW, weight_rounding=Rounding.HW),
+    _M.MAXABS_POW2: Recipe(Act.STATIC, Rounding.POW2, weight_rounding=Rounding.POW2),
+    _M.MAXABS_ARBITRARY: Recipe(Act.STATIC, Rounding.NONE),
+    _M.MAXABS_HW_OPT_WEIGHT: Recipe(Act.STATIC, Rounding.HW, weight_rounding=Rounding.HW, weight_opt=True),
+    _M.MAXABS_POW2_OPT_WEIGHT: Recipe(Act.STATIC, Rounding.POW2, weight_rounding=Rounding.POW2, weight_opt=True),
+    _M.ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2: Recipe(Act.STATIC, Rounding.HW, weight_per_channel=True,
+                                                     weight_rounding=Rounding.POW2),
+    _M.ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2: Recipe(Act.STATIC, Rounding.HW, weight_per_channel=True,
+                                                  weight_rounding=Rounding.POW2, weight_opt=True),
+    _M.ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2: Recipe(Act.STATIC, Rounding.POW2, weight_per_channel=True,
+                                                       weight_rounding=Rounding.POW2),
+    _M.ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2: Recipe(Act.STATIC, Rounding.POW2, weight_per_channel=True,
+                                                    weight_rounding=Rounding.POW2, weight_opt=True),
+    _M.ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS: Recipe(Act.DYNAMIC, Rounding.NONE, weight_per_channel=True),
+}
+
+
+# -- basics -------------------------------------------------------------------------------------------------
 def fp8_dtype(fmt: Fp8Format) -> torch.dtype:
     return _FP8_DTYPES[fmt]
 
 
-def fp8_max(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).max)
+def fp8_max(dtype: torch.dtype, profile: DeviceProfile = PROFILES[DeviceForScales.CUDA]) -> float:
+    return profile.fp8_max(dtype)
 
 
 def tensor_to_amax(x_hp: torch.Tensor) -> torch.Tensor:
@@ -44,6 +124,13 @@ def channel_amax(x_hp: torch.Tensor) -> torch.Tensor:
     return flat.abs().amax(dim=0).float()
 
 
+def row_amax(w_hp: torch.Tensor) -> torch.Tensor:
+    """Max-abs per output channel (row) of a (N, K) weight, float32 (N,); 0 for K == 0."""
+    if w_hp.shape[1] == 0:
+        return torch.zeros(w_hp.shape[0], dtype=torch.float32, device=w_hp.device)
+    return w_hp.detach().abs().amax(dim=1).float()
+
+
 def sanitize_amax(amax: torch.Tensor) -> torch.Tensor:
     """Zero, negative or non-finite amax gives no usable range: fall back to a unit range.
 
@@ -55,20 +142,29 @@ def sanitize_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, amax, torch.ones_like(amax))
 
 
-def amax_to_scale(amax: torch.Tensor, method: ScaleMethod, dtype: torch.dtype, backoff: float) -> torch.Tensor:
-    """float32 scale(s) for `amax` (scalar or per-channel) under `method`."""
-    if method is ScaleMethod.UNIT_SCALE:
-        return torch.ones_like(amax, dtype=torch.float32)
-    raw = sanitize_amax(amax) / (fp8_max(dtype) * backoff)
-    # Keep scales in float32's normal range: a subnormal scale loses precision and 1/scale overflows.
-    raw = raw.clamp(min=torch.finfo(torch.float32).tiny * 2**24, max=torch.finfo(torch.float32).max / 2**24)
-    if method is ScaleMethod.MAXABS_ARBITRARY:
-        return raw
-    if method is ScaleMethod.MAXABS_POW2:
-        return round_up_pow2(raw)
-    if method is ScaleMethod.MAXABS_HW:
-        return round_to_hw(raw, hw_scales=None)
-    raise ValueError(f"scale method {method.value} is not implemented")
+# Keep scales in float32's normal range: a subnormal scale loses precision and 1/scale overflows.
+_SCALE_MIN = torch.finfo(torch.float32).tiny * 2**24
+_SCALE_MAX = torch.finfo(torch.float32).max / 2**24
+
+
+def amax_to_scale(amax: torch.Tensor, fp8_max: float, backoff: float, rounding: Rounding = Rounding.NONE,
+                  profile: DeviceProfile = PROFILES[DeviceForScales.CUDA]) -> torch.Tensor:
+    """float32 scale(s) that map `amax` (scalar or per channel) to `fp8_max * backoff`, then rounded."""
+    raw = (sanitize_amax(amax) / (fp8_max * backoff)).clamp(min=_SCALE_MIN, max=_SCALE_MAX)
+    return round_scale(raw, rounding, profile)
+
+
+def round_scale(scale: torch.Tensor, rounding: Rounding, profile: DeviceProfile) -> torch.Tensor:
+    if rounding is Rounding.NONE:
+        return scale
+    if rounding is Rounding.POW2:
+        return round_up_pow2(scale)
+    if profile.hw_scales is not None:
+        return round_to_hw(scale, profile.hw_scales)
+    if profile.pow2_range is not None:
+        lo, hi = profile.pow2_range
+        return round_up_pow2(scale).clamp(min=2.0**lo, max=2.0**hi)
+    return scale  # CUDA: `_scaled_mm` takes any float32 scale
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
@@ -76,25 +172,147 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(scale)))
 
 
-def round_to_hw(scale: torch.Tensor, hw_scales: tuple[float, ...] | None) -> torch.Tensor:
-    """Smallest hardware-supported scale >= scale (the largest if none is big enough).
-
-    `hw_scales=None` is CUDA's profile: `_scaled_mm` takes any float32 scale, so nothing is rounded.
-    """
-    if hw_scales is None:
-        return scale
+def round_to_hw(scale: torch.Tensor, hw_scales: tuple[float, ...]) -> torch.Tensor:
+    """Smallest hardware-supported scale >= scale (the largest if none is big enough)."""
     table = torch.tensor(sorted(hw_scales), dtype=torch.float32, device=scale.device)
     idx = torch.searchsorted(table, scale.contiguous()).clamp(max=len(table) - 1)
     return table[idx]
 
 
-def to_fp8_saturated(x_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast `x_hp / scale` to FP8, clamping to +-fp8_max first so out-of-range values never become inf/NaN."""
-    limit = fp8_max(dtype)
-    x = x_hp.float() / scale
-    return x.clamp(-limit, limit).to(dtype)
+def to_fp8_saturated(x_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                     limit: float | None = None) -> torch.Tensor:
+    """Cast `x_hp / scale` to FP8, clamping to +-limit (default: the dtype's max) first, so out-of-range
+    values saturate instead of becoming inf/NaN. `scale` broadcasts (scalar, (N, 1) rows, (M, 1) tokens)."""
+    limit = float(torch.finfo(dtype).max) if limit is None else limit
+    return (x_hp.float() / scale).clamp_(-limit, limit).to(dtype)
 
 
+# -- weights --------------------------------------------------------------------------------------------------
+def weight_to_scale(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, profile: DeviceProfile,
+                    backoff: float = WEIGHT_BACKOFF, reduce_max: Reduce = _identity,
+                    reduce_sum: Reduce = _identity) -> torch.Tensor:
+    """The weight's scale: float32 () per tensor or (N,) per output channel.
+
+    `reduce_max` / `reduce_sum` combine statistics over the ranks that hold the rest of the same
+    tensor (per tensor) or of the same rows (per channel), so every TP size picks the same scales.
+    """
+    shape = (w_hp.shape[0],) if recipe.weight_per_channel else ()
+    if recipe.weight_unit:
+        return torch.ones(shape, dtype=torch.float32, device=w_hp.device)
+    amax = reduce_max(row_amax(w_hp) if recipe.weight_per_channel else tensor_to_amax(w_hp))
+    fmax = profile.fp8_max(dtype)
+    base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
+    if not recipe.weight_opt:
+        return base
+    shifts = candidate_shifts(base, recipe.weight_rounding, profile)
+    v_hp = w_hp.float() / (base[:, None] if recipe.weight_per_channel else base)
+    err = shifted_scale_sq_error(v_hp, shifts, dtype, fmax)  # (N, S) in units of base^2
+    err = reduce_sum(err if recipe.weight_per_channel else err.sum(dim=0))
+    best = err.argmin(dim=-1)  # ties go to the first candidate: the maxabs scale itself
+    return base * torch.exp2(-shifts.to(base.device)[best].float())
+
+
+def candidate_shifts(base: torch.Tensor, rounding: Rounding, profile: DeviceProfile) -> torch.Tensor:
+    """Exponents k >= 0 of the candidates base * 2^-k that the method's rounding allows (k = 0 first)."""
+    ks = torch.arange(OPT_CANDIDATES)
+    if rounding is Rounding.HW and profile.hw_scales is not None:
+        # Gaudi2: only the hardware set; its members are powers of two 2^4 apart.
+        steps = sorted({round(math.log2(a) - math.log2(b)) for a in profile.hw_scales for b in profile.hw_scales
+                        if a >= b})
+        ks = torch.tensor([k for k in steps if k < 4 * OPT_CANDIDATES])
+    if rounding is Rounding.HW and profile.pow2_range is not None:
+        lowest = 2.0 ** profile.pow2_range[0]
+        ks = ks[: max(1, int(torch.log2(base.min() / lowest).floor().clamp(min=0).item()) + 1)]
+    return ks
+
+
+def shifted_scale_sq_error(v: torch.Tensor, shifts: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    """Sum of squared FP8 quantization errors of each row of `v` (N, K) under scales 2^-k, k in `shifts`:
+    float64 (N, S), in the units of `v`. Exact (equal to one saturating cast per candidate).
+
+    Vectorised over all candidates in a handful of passes over `v`, instead of one cast per candidate:
+    FP8 rounding is invariant under power-of-two scaling inside the normal range, so an element's error is
+    its error at k = 0 (R) unless it clips under candidate k (|v| > fmax * 2^-k), where it is (|v| - M_k)^2.
+    Clipping thresholds are powers of two apart and lie on the bucket edges of `bits >> drop` (float32
+    exponent plus the top mantissa bits of fmax), so per-(row, bucket) sums of |v|, v^2, R and counts give
+    every candidate's error. Elements that are subnormal at k = 0 break the invariance (they are exactly
+    where a smaller scale pays), so they are cast once per candidate: few for ordinary weights, and
+    processed in chunks.
+    """
+    v = v.float()
+    n_rows = v.shape[0]
+    q = v.clamp(-fmax, fmax).to(dtype).float()
+    r = (q - v).square_()
+    a = v.abs()
+    drop = 23 - _mantissa_bits(fmax)
+    thresholds = fmax * torch.exp2(-shifts.double())  # M_k, (S,)
+    t_keys = (thresholds.float().view(torch.int32) >> drop).long()  # bucket where clipping starts
+    lo, hi = int(t_keys.min()), int(t_keys.max())
+    n_buckets = hi - lo + 2  # bucket 0: elements that never clip
+    key = ((a.view(torch.int32) >> drop).long() - lo + 1).clamp_(0, n_buckets - 1)
+    key += torch.arange(n_rows, device=v.device)[:, None] * n_buckets
+    key = key.reshape(-1)
+    size = n_rows * n_buckets
+
+    def per_bucket(weights: torch.Tensor | None) -> torch.Tensor:
+        out = torch.bincount(key, weights=None if weights is None else weights.reshape(-1), minlength=size)
+        return out.double().reshape(n_rows, n_buckets)
+
+    count, s1, s2, sr = per_bucket(None), per_bucket(a), per_bucket(a * a), per_bucket(r)
+
+    def from_bucket(t: torch.Tensor) -> torch.Tensor:  # suffix sums: everything at or above a bucket
+        return t.flip(-1).cumsum(-1).flip(-1)
+
+    total_r = sr.sum(dim=1, keepdim=True)  # every element's error at k = 0
+    start = (t_keys - lo + 1).to(v.device)
+    c, s1, s2, sr = (from_bucket(t)[:, start] for t in (count, s1, s2, sr))
+    m = thresholds.to(v.device)
+    clip = s2 - 2 * m * s1 + m * m * c - sr  # sum over clipped elements of (|v| - M_k)^2 - R
+    return total_r + clip + _subnormal_correction(v, a, r, shifts, dtype, fmax)
+
+
+def _subnormal_correction(v: torch.Tensor, a: torch.Tensor, r: torch.Tensor, shifts: torch.Tensor,
+                          dtype: torch.dtype, fmax: float, chunk: int = 1 << 22) -> torch.Tensor:
+    """(N, S): for elements subnormal at k = 0, their true error under each candidate minus R."""
+    small = a < torch.finfo(dtype).smallest_normal
+    rows, cols = small.nonzero(as_tuple=True)
+    out = torch.zeros(v.shape[0], len(shifts), dtype=torch.float64, device=v.device)
+    factors = torch.exp2(shifts.to(v.device).float())  # (S,)
+    step = max(1, chunk // len(shifts))
+    for i in range(0, len(rows), step):  # chunks of elements, all candidates at once
+        rr, cc = rows[i:i + step], cols[i:i + step]
+        vs = v[rr, cc][:, None]  # (n, 1)
+        err = ((vs * factors).clamp_(-fmax, fmax).to(dtype).float() / factors - vs).square_()  # (n, S)
+        out.index_add_(0, rr, (err - r[rr, cc][:, None]).double())
+    return out
+
+
+def _mantissa_bits(fmax: float) -> int:
+    """Mantissa bits fmax needs in float32 (448 = 1.75 * 2^8: 2; 240 = 1.875 * 2^7: 3)."""
+    mantissa = torch.tensor(fmax, dtype=torch.float32).view(torch.int32).item() & 0x7FFFFF
+    bits = 0
+    while mantissa & ((1 << (23 - bits)) - 1):
+        bits += 1
+    return bits
+
+
+# -- activations ---------------------------------------------------------------------------------------------
+def input_to_scale(amax: torch.Tensor, recipe: Recipe, dtype: torch.dtype, profile: DeviceProfile,
+                   backoff: float = INPUT_BACKOFF) -> torch.Tensor:
+    """Static per-tensor input scale from a measured max-abs."""
+    if recipe.act is Act.UNIT:
+        return torch.ones((), dtype=torch.float32, device=amax.device)
+    return amax_to_scale(amax, profile.fp8_max(dtype), backoff, recipe.act_rounding, profile)
+
+
+def per_token_scale(x_2d: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Dynamic scales, one per row (token), float32 (M, 1): the whole range, no backoff needed."""
+    amax = x_2d.abs().amax(dim=-1, keepdim=True).float() if x_2d.shape[-1] else \
+        torch.zeros(x_2d.shape[0], 1, device=x_2d.device)
+    return (sanitize_amax(amax) / fmax).clamp_(min=_SCALE_MIN, max=_SCALE_MAX)
+
+
+# -- checks -----------------------------------------------------------------------------------------------------
 def is_pow2(scale: torch.Tensor) -> bool:
     mantissa, _ = torch.frexp(scale.float())
     return bool(torch.all(mantissa == 0.5))

@@ -56,6 +56,10 @@ def unhandled_tp_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @dataclass(frozen=True)
 class TPLayout:
     """Where the GEMM sits in one rank's forward. `partition_sizes` are DeepSpeed's frozen split of the
@@ -122,6 +126,25 @@ class TPLayout:
 
             y_local = GatherFromTensorParallelRegion.apply(self.mp_group, y_local, self.partition_sizes)
         return y_local
+
+    # -- statistics over the ranks that hold the rest of a weight (conversion time, not the forward) -----
+    def reducers(self, per_channel: bool):
+        """(max, sum) over the ranks holding the rest of what a weight statistic covers: the whole tensor
+        (per tensor: every sharded kind), or whole rows (per channel: only row-parallel splits rows)."""
+        sharded = self.kind in (Kind.ROW, Kind.LMHEAD) if per_channel else self.kind is not Kind.PLAIN
+        if not sharded or self.mp_group is None or self.tp_size == 1:
+            return _identity, _identity
+        import torch.distributed as dist
+
+        def reduce(op):
+            def run(t: torch.Tensor) -> torch.Tensor:
+                t = t.clone()
+                dist.all_reduce(t, op=op, group=self.mp_group)
+                return t
+
+            return run
+
+        return reduce(dist.ReduceOp.MAX), reduce(dist.ReduceOp.SUM)
 
     def _allreduce(self, y: torch.Tensor) -> torch.Tensor:
         # DeepSpeed's own inference allreduce (shm on CPU, NCCL on GPU), in the output dtype (bf16).

@@ -88,7 +88,14 @@ MALFORMED = [
      ["both list ['Linear']"]),
     ({"method": "HOOKS", "dump_stats_path": "out/"}, ["key 'dump_stats_path'", "file prefix"]),
     ({"method": "HOOKS", "dump_stats_path": 3}, ["key 'dump_stats_path' must be a non-empty path string"]),
-    ({"method": "HOOKS", "scale_method": "maxabs_hw_opt_weight"}, ["key 'scale_method'", "not supported yet"]),
+    ({"method": "HOOKS", "scale_method": "SMOOTHQUANT_OPT"}, ["key 'scale_method'", "SmoothQuant is not supported"]),
+    ({"method": "HOOKS", "scale_params": {"input_backof": 0.5}}, ["unknown key 'scale_params.input_backof'",
+                                                                  "did you mean 'input_backoff'"]),
+    ({"method": "HOOKS", "scale_params": {"weight_backoff": 2}}, ["key 'scale_params.weight_backoff'", "(0, 1]"]),
+    ({"method": "HOOKS", "device_for_scales": "gaudi"}, ["key 'device_for_scales'", "cuda, gaudi2, gaudi3"]),
+    ({"method": "HOOKS", "scale_method_overrides": {"lm_head": "maxabs_pow3"}},
+     ["key 'scale_method_overrides.lm_head'", "'maxabs_pow3'", "did you mean 'maxabs_pow2'"]),
+    ({"method": "HOOKS", "act_scope": "local"}, ["key 'act_scope'", "global, rank"]),
 ]
 
 
