@@ -23,8 +23,9 @@ def current_rank() -> int:
 
 def get_logger() -> logging.Logger:
     logger = logging.getLogger("ds_quant")
-    if not logger.handlers:
+    if not any(getattr(h, "_ds_quant", False) for h in logger.handlers):  # configure once, ours only
         handler = logging.StreamHandler()
+        handler._ds_quant = True
         handler.addFilter(_RankFilter())
         handler.setFormatter(logging.Formatter("[ds_quant rank %(rank)s] %(levelname)s %(message)s"))
         logger.addHandler(handler)
