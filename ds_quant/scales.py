@@ -249,8 +249,10 @@ def shifted_scale_sq_error(v: torch.Tensor, shifts: torch.Tensor, dtype: torch.d
     t_keys = (thresholds.float().view(torch.int32) >> drop).long()  # bucket where clipping starts
     lo, hi = int(t_keys.min()), int(t_keys.max())
     n_buckets = hi - lo + 2  # bucket 0: elements that never clip
-    key = ((a.view(torch.int32) >> drop).long() - lo + 1).clamp_(0, n_buckets - 1)
-    key += torch.arange(n_rows, device=v.device)[:, None] * n_buckets
+    # int32 all the way (in place): int64 keys cost ~5x more than the rest of the search
+    key = a.view(torch.int32) >> drop
+    key.sub_(lo - 1).clamp_(0, n_buckets - 1)
+    key += torch.arange(n_rows, dtype=torch.int32, device=v.device)[:, None] * n_buckets
     key = key.reshape(-1)
     size = n_rows * n_buckets
 
