@@ -18,12 +18,85 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- measurement files (merge / inspect / import-hqt) -----------------------------------------------------
+def merge_cmd(args: argparse.Namespace) -> int:
+    from . import measurements as ms
+
+    try:
+        out = ms.merge_files(args.prefix, args.world_size, args.out)
+        doc = ms.load(out)
+    except ms.MeasurementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {doc['world_size']} shard(s), {len(doc['layers'])} layers -> {out}")
+    return 0
+
+
+def inspect_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from . import measurements as ms
+
+    try:
+        doc = ms.load(args.file)
+        rows = ms.layer_table(doc, args.scale_method, args.device_for_scales, args.fp8)
+    except (ms.MeasurementError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        head = {k: v for k, v in doc.items() if k != "layers"}
+        print(json.dumps({**head, "scale_method": args.scale_method, "layers": rows}, indent=1))
+    else:
+        print(f"{args.file}: {doc['kind']}, world size {doc['world_size']}, observer {doc['observer']}, "
+              f"dtype {doc['dtype']}, fingerprint {doc['fingerprint']}, {len(rows)} layers; "
+              f"scales for {args.scale_method} ({args.device_for_scales}, {args.fp8})")
+        print(ms.format_table(rows))
+    return 0
+
+
+def import_hqt_cmd(args: argparse.Namespace) -> int:
+    from . import hqt_import
+    from . import measurements as ms
+
+    try:
+        shapes = hqt_import.model_shapes(args.model) if args.model else None
+        doc, skipped = hqt_import.import_hqt(args.files, shapes, args.allow_pickle)
+        out = ms.merged_path(args.out)
+        ms.atomic_write_json(out, doc)
+    except ms.MeasurementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, why in skipped:
+        print(f"skipped {name}: {why}")
+    print(f"imported {len(doc['layers'])} linear(s) from {len(args.files)} HQT file(s), skipped {len(skipped)} "
+          f"-> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-quant", description="FP8 quantization for DeepSpeed AutoTP models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-config", help="validate a quantization config: prints 'ok' or what to fix")
     p.add_argument("file")
     p.set_defaults(func=check_config)
+    p = sub.add_parser("merge", help="merge the shard files PREFIX_{rank}_{world}.json into PREFIX.json")
+    p.add_argument("prefix", help="the dump_stats_path of the MEASURE run")
+    p.add_argument("--world-size", type=int, help="which run's shards, when several world sizes are on disk")
+    p.add_argument("--out", help="output file (default: PREFIX.json)")
+    p.set_defaults(func=merge_cmd)
+    p = sub.add_parser("inspect", help="a table of a measurement file, with the scales a scale method would give")
+    p.add_argument("file")
+    p.add_argument("--scale-method", default="maxabs_hw")
+    p.add_argument("--device-for-scales", default="cuda")
+    p.add_argument("--fp8", default="E4M3", help="E4M3 or E5M2")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=inspect_cmd)
+    p = sub.add_parser("import-hqt", help="convert HQT/INC measurement files (one per rank) into PREFIX.json")
+    p.add_argument("files", nargs="+", help="*_hooks_maxabs_{rank}_{world}.json or .npz")
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.json (use it as dump_stats_path)")
+    p.add_argument("--model", help="HF model directory or config: gives layer shapes, places per-channel vectors")
+    p.add_argument("--allow-pickle", action="store_true", help=".npz files from HQT hold pickled dicts")
+    p.set_defaults(func=import_hqt_cmd)
     return parser
 
 

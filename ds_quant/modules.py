@@ -152,7 +152,7 @@ class Fp8Linear(_TwinLinear):
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x_local.shape[:-1]
-        x_2d = x_local.reshape(-1, x_local.shape[-1])  # (M, K)
+        x_2d = x_local.reshape(lead.numel(), x_local.shape[-1])  # (M, K); K may be 0 (empty shard)
         scale_a = per_token_scale(x_2d, self.act_limit) if self.input_scale is None else self.input_scale
         x_fp8 = to_fp8_saturated(x_2d, scale_a, self.weight.dtype, self.act_limit)
         scale_b = self.weight_scale

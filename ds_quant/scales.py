@@ -118,7 +118,7 @@ def tensor_to_amax(x_hp: torch.Tensor) -> torch.Tensor:
 
 def channel_amax(x_hp: torch.Tensor) -> torch.Tensor:
     """Max-abs per last-dim channel, float32 of shape (x.shape[-1],)."""
-    flat = x_hp.detach().reshape(-1, x_hp.shape[-1])
+    flat = x_hp.detach().reshape(x_hp.shape[:-1].numel(), x_hp.shape[-1])  # last dim may be 0 (empty shard)
     if flat.shape[0] == 0:
         return torch.zeros(x_hp.shape[-1], dtype=torch.float32, device=x_hp.device)
     return flat.abs().amax(dim=0).float()

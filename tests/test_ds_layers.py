@@ -56,3 +56,20 @@ def test_ds_layers_swapped_by_exact_type_and_subclass_named(tmp_path, caplog_ds)
     with torch.no_grad():
         # 3 FP8 GEMMs in series (~26 dB each, see test_scales): 21 dB fails on any wrong scale or bias placement.
         assert sqnr_db(ref.float(), quant(x).float()) > 21
+
+
+def test_empty_shard_measures_and_quantizes(tmp_path):
+    """DeepSpeed may give a rank no input channels (TP=4 over 2 kv heads): nothing to multiply, output 0."""
+    from ds_quant.tp import Kind, TPLayout
+
+    torch.manual_seed(0)
+    empty = nn.Linear(0, 16, bias=False)
+    layout = TPLayout(kind=Kind.ROW, tp_rank=1, tp_size=2, partition_sizes=(8, 0))
+    measured = MeasuredLinear("o_proj", layout, empty.weight, None, ds_quant.config.MeasureExclude.OUTPUT)
+    measured(torch.randn(1, 3, 0))
+    assert measured.stats()["input_amax"] == 0.0 and measured.stats()["in_features"] == 8
+    record = {"input_amax": 0.0, "weight_amax": 0.0, "in_features": 8, "input_channel_amax": None}
+    fp8 = Fp8Linear.from_original(layers.LinearAllreduce(empty, None), "o_proj", ds_quant.QuantConfig(), record)
+    assert fp8.fallback_reason.startswith("empty shard")
+    y = fp8(torch.randn(1, 3, 0, dtype=torch.float32))
+    assert y.shape == (1, 3, 16) and not y.any()

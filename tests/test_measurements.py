@@ -1,6 +1,7 @@
 """Measurement files: merge rules, validation messages, atomic writes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,218 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         ms.atomic_write_json(path, {"new": 2})
     assert json.loads(path.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+# -- companion binary for long vectors --------------------------------------------------------------------
+@pytest.fixture
+def small_inline_limit(monkeypatch):
+    monkeypatch.setattr(ms, "INLINE_MAX_VALUES", 4)  # the 5 + 2 channels above go to the companion
+
+
+def companions(folder):
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".f32")
+
+
+def test_long_vectors_go_to_a_companion_binary_and_round_trip(tmp_path, small_inline_limit):
+    merged = ms.merge(shards_for_uneven_row())
+    ms.atomic_write_json(tmp_path / "stats.json", merged)
+    head = json.loads((tmp_path / "stats.json").read_text())
+    assert head["vectors"]["count"] == 7 and head["layers"]["down"]["input_channel_amax"] == {"offset": 0, "count": 5}
+    assert companions(tmp_path) == [head["vectors"]["file"]] and head["vectors"]["file"].startswith("stats.")
+    back = ms.load(tmp_path / "stats.json")
+    assert back["layers"]["down"]["input_channel_amax"].tolist() == [1.0, 2.0, 3.0, 9.0, 0.5]
+    assert "vectors" not in back and back["layers"]["up"]["input_amax"] == merged["layers"]["up"]["input_amax"]
+    # Rewriting with other data replaces the pair and leaves no stale companion behind.
+    merged["layers"]["up"]["input_channel_amax"] = [5.0, 6.0]
+    ms.atomic_write_json(tmp_path / "stats.json", merged)
+    assert len(companions(tmp_path)) == 1 and companions(tmp_path) != [head["vectors"]["file"]]
+    assert ms.load(tmp_path / "stats.json")["layers"]["up"]["input_channel_amax"].tolist() == [5.0, 6.0]
+
+
+def test_a_failed_write_keeps_the_old_pair_readable(tmp_path, small_inline_limit, monkeypatch):
+    ms.atomic_write_json(tmp_path / "stats.json", ms.merge(shards_for_uneven_row()))
+    before = ms.load(tmp_path / "stats.json")
+    changed = ms.merge(shards_for_uneven_row())
+    changed["layers"]["up"]["input_channel_amax"] = [5.0, 6.0]
+
+    def boom(doc):
+        raise KeyboardInterrupt  # killed after the new companion, before the JSON (the commit point)
+
+    monkeypatch.setattr(ms, "dumps", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ms.atomic_write_json(tmp_path / "stats.json", changed)
+    monkeypatch.undo()
+    after = ms.load(tmp_path / "stats.json")
+    assert after["layers"]["up"]["input_channel_amax"].tolist() == before["layers"]["up"]["input_channel_amax"].tolist()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda p: p.unlink(), "is missing; copy it along with the JSON"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-4]), "has 24 bytes, expected 28 (truncated?)"),
+    (lambda p: p.write_bytes(b"\0" * 28), "does not match its sha256"),
+])
+def test_damaged_companion_is_named(tmp_path, small_inline_limit, damage, fragment):
+    ms.atomic_write_json(tmp_path / "stats.json", ms.merge(shards_for_uneven_row()))
+    damage(tmp_path / companions(tmp_path)[0])
+    with pytest.raises(MeasurementError) as err:
+        ms.load(tmp_path / "stats.json")
+    assert str(err.value).startswith(str(tmp_path / "stats.json")) and fragment in str(err.value), str(err.value)
+
+
+# -- more validation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda d: d["layers"]["down"].update(input_amax=float("nan")), "layer 'down': input_amax is nan"),
+    (lambda d: d["layers"]["down"].update(weight_amax=-1.0), "layer 'down': weight_amax is -1.0"),
+    (lambda d: d["layers"]["up"].update(kind="fused"), "layer 'up': kind 'fused' is not one of"),
+    (lambda d: d["layers"]["up"].update(input_channel_amax=[1.0, "x"]), "holds a value that is not a number"),
+    (lambda d: d["layers"]["up"].update(input_channel_amax=[1.0, -2.0]), "negative or non-finite"),
+    (lambda d: d.update(kind="bundle"), "header 'kind' is 'bundle'"),
+    (lambda d: d.update(world_size=0), "header 'world_size' is 0"),
+])
+def test_hand_edited_values_are_named(tmp_path, edit, fragment):
+    doc = ms.merge(shards_for_uneven_row())
+    edit(doc)
+    (tmp_path / "stats.json").write_text(ms.dumps(doc))
+    with pytest.raises(MeasurementError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        ms.load(tmp_path / "stats.json")
+
+
+def test_shard_rank_outside_world_is_named(tmp_path):
+    s0, _ = shards_for_uneven_row()
+    ms.atomic_write_json(tmp_path / "s.json", dict(s0, rank=5))
+    with pytest.raises(MeasurementError, match=r"s.json: shard 'rank' is 5, expected 0..1"):
+        ms.load(tmp_path / "s.json")
+
+
+# -- offline merge -----------------------------------------------------------------------------------------
+def write_shards(prefix, shards):
+    for s in shards:
+        ms.atomic_write_json(ms.shard_path(prefix, s["rank"], s["world_size"]), s)
+
+
+def test_offline_merge_equals_online_merge_and_is_repeatable(tmp_path):
+    prefix = str(tmp_path / "run" / "stats")
+    shards = shards_for_uneven_row()
+    write_shards(prefix, shards)
+    out = ms.merge_files(prefix)
+    assert out == prefix + ".json"
+    first = Path(out).read_bytes()
+    online = tmp_path / "online.json"
+    ms.atomic_write_json(online, ms.merge(shards))
+    assert first == online.read_bytes()
+    ms.merge_files(prefix)
+    assert Path(out).read_bytes() == first
+
+
+def test_offline_merge_names_missing_duplicate_and_foreign_shards(tmp_path):
+    prefix = str(tmp_path / "stats")
+    s0, s1 = shards_for_uneven_row()
+    with pytest.raises(MeasurementError, match=r"no shard files .*stats_RANK_WORLD.json found"):
+        ms.merge_files(prefix)
+    write_shards(prefix, [s0])
+    with pytest.raises(MeasurementError, match=r"world size 2: missing .*stats_1_2.json"):
+        ms.merge_files(prefix)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s0)  # rank 0's data copied under rank 1's name
+    with pytest.raises(MeasurementError, match=r"stats_1_2.json: holds rank 0 of world size 2, but its name says "
+                                               r"rank 1 of 2; duplicate of .*stats_0_2.json"):
+        ms.merge_files(prefix)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), dict(s1, fingerprint="f" * 16))
+    with pytest.raises(MeasurementError, match=r"foreign shards of .*: fingerprint='ffffffffffffffff': "
+                                               r".*stats_1_2.json \(the other 1 have"):
+        ms.merge_files(prefix)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), dict(s1, observer="minmax"))
+    with pytest.raises(MeasurementError, match=r"observer='minmax': .*stats_1_2.json"):
+        ms.merge_files(prefix)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s1)
+    ms.atomic_write_json(ms.shard_path(prefix, 0, 4), dict(s0, world_size=4))  # a stale run at TP=4
+    with pytest.raises(MeasurementError, match=r"several runs \(world size 2: .*stats_0_2.json, .*stats_1_2.json; "
+                                               r"world size 4: .*stats_0_4.json\); pass --world-size N"):
+        ms.merge_files(prefix)
+    assert not Path(prefix + ".json").exists()  # nothing written on any error
+    assert ms.merge_files(prefix, world_size=2) == prefix + ".json"
+    # Another prefix sharing the start of the name is not picked up.
+    ms.atomic_write_json(str(tmp_path / "stats_x_0_2.json"), s0)
+    assert sorted(ms.find_shards(prefix)) == [(0, 2), (0, 4), (1, 2)]
+
+
+# -- any TP size from one file -------------------------------------------------------------------------------
+def deepspeed_sizes(total, tp):
+    from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+
+    return get_shard_size_list(total, tp, AutoTPMeta(tp_grain_size=64), "mlp.down_proj")
+
+
+def observed_shard(x, kind, rank, sizes):
+    """What a rank's MeasuredLinear records for input `x` (tokens, in_features)."""
+    from ds_quant.tp import Kind, TPLayout
+
+    layout = TPLayout(Kind(kind), rank, len(sizes), tuple(sizes))
+    part = layout.input_slice()
+    local = x if part is None else x[:, part]
+    ch = local.abs().amax(0)
+    return {"kind": kind, "in_features": x.shape[1], "out_features": 64, "local_in_features": local.shape[1],
+            "partition_sizes": list(sizes), "input_amax": float(ch.max()), "input_channel_amax": ch.tolist(),
+            "output_amax": None, "weight_amax": 1.0, "samples": x.shape[0]}
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 1), (2, 4), (4, 2), (4, 1), (1, 4), (4, 4)])
+def test_measure_at_n_quantize_at_m(n, m):
+    """Shards observed at TP=n merge to the same model-level file; at TP=m each rank's input amax is the
+    true max over its slice (act_scope rank) or the layer's (global). 352 channels split unevenly."""
+    import torch
+
+    from ds_quant.config import ActScope
+    from ds_quant.modules import input_amax
+    from ds_quant.tp import Kind, TPLayout
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 352) * torch.linspace(0.1, 8, 352)  # channels of very different ranges
+    per_kind = {}
+    for kind in ("row", "lm-head", "column"):
+        sizes = deepspeed_sizes(352, n) if kind != "column" else [32] * n
+        shards = [ms.make_shard({"l": observed_shard(x, kind, r, sizes)}, r, n, "maxabs", "bfloat16")
+                  for r in range(n)]
+        per_kind[kind] = ms.merge(shards)["layers"]["l"]
+    assert per_kind["row"]["input_channel_amax"] == pytest.approx(x.abs().amax(0).tolist())
+    for kind, rec in per_kind.items():
+        sizes = deepspeed_sizes(352, m)
+        for rank in range(m):
+            layout = TPLayout(Kind(kind), rank, m, tuple(sizes))
+            part = layout.input_slice() or slice(None)
+            assert input_amax(rec, layout, ActScope.RANK) == pytest.approx(float(x[:, part].abs().max()))
+            assert input_amax(rec, layout, ActScope.GLOBAL) == pytest.approx(float(x.abs().max()))
+    assert deepspeed_sizes(352, 2) == [192, 160]  # the split really is uneven
+
+
+def test_check_layers_accepts_unknown_shapes_of_imported_files():
+    doc = {"layers": {"a": {"out_features": None, "in_features": None, "input_amax": 1.0}}}
+    ms.check_layers(doc, "imported.json", {"a": (8, 4)})
+    doc["layers"]["a"]["in_features"] = 5
+    with pytest.raises(MeasurementError, match=r"imported.json: shapes differ from the model: a: measured Nonex5, "
+                                               r"model 8x4"):
+        ms.check_layers(doc, "imported.json", {"a": (8, 4)})
+
+
+def test_bench_merge_runs_small():
+    result = ms.bench_merge(n_shards=4, n_layers=14, width=100)
+    assert result["n_shards"] == 4 and result["merge_seconds"] > 0 and result["offline_merge_seconds"] > 0
+    assert result["shard_bytes"] > result["merged_bytes"] > 0
+
+
+def test_a_rank_killed_mid_write_leaves_no_partial_file(tmp_path):
+    """SIGKILL after the data is written but before the rename: the target never exists half-written."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, os, signal\n"  # load the module alone: no torch import, a fast subprocess
+        f"spec = importlib.util.spec_from_file_location('ms', {ms.__file__!r})\n"
+        "ms = importlib.util.module_from_spec(spec); spec.loader.exec_module(ms)\n"
+        f"ms.atomic_write_json({str(tmp_path / 'stats.json')!r}, {{'old': 1}})\n"
+        "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"ms.atomic_write_json({str(tmp_path / 'stats.json')!r}, {{'new': 2}})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert json.loads((tmp_path / "stats.json").read_text()) == {"old": 1}
