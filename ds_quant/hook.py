@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+from collections.abc import Mapping
 
-from .config import CLI_FLAG, ENV_VAR, QuantConfig
+from .config import CLI_FLAG, ENV_VAR, QuantConfig, resolve_config
 from .prepare import prep_model
 
 _WRAPPED_ATTR = "__ds_quant_wrapped__"
 
 
-def install() -> None:
-    """Wrap `deepspeed.init_inference` (idempotent; imports DeepSpeed here, not at `import ds_quant`)."""
+def install(config: QuantConfig | Mapping | str | os.PathLike | None = None) -> None:
+    """Wrap `deepspeed.init_inference` (idempotent; imports DeepSpeed here, not at `import ds_quant`).
+
+    Without `config`, each call reads `--quant-config` / `QUANT_CONFIG`. With it, every call uses that
+    config and never reads argv: the `ds_quant.run` wrapper pins its own `--quant-config` this way, so
+    the wrapped script's arguments cannot be mistaken for ours.
+    """
     import deepspeed
 
+    pinned = None if config is None else resolve_config(config)
     if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False):
-        return
-    deepspeed.init_inference = _wrap(deepspeed.init_inference)
+        if pinned is None:
+            return
+        uninstall()
+    deepspeed.init_inference = _wrap(deepspeed.init_inference, pinned)
 
 
 def uninstall() -> None:
@@ -32,11 +42,11 @@ def uninstall() -> None:
         deepspeed.init_inference = original
 
 
-def _wrap(init_inference):
+def _wrap(init_inference, pinned: QuantConfig | None = None):
     @functools.wraps(init_inference)
     def init_inference_quantized(*args, **kwargs):
         engine = init_inference(*args, **kwargs)
-        config = QuantConfig.from_env_or_args()
+        config = pinned if pinned is not None else QuantConfig.from_env_or_args()
         if config is not None:
             # prep_model swaps submodules in place; the engine keeps the same module object.
             engine.module = prep_model(engine.module, config)

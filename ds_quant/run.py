@@ -1,0 +1,232 @@
+"""Run an unmodified DeepSpeed inference script with ds_quant active.
+
+    deepspeed --num_gpus 2 launch/run.py --quant-config CFG your_script.py [its args...]
+    mpirun -np 2 python -m ds_quant.run --quant-config CFG your_script.py [its args...]
+
+Our options come before the script path; everything after it belongs to the script, which runs as
+`__main__` with exactly the `sys.argv` it would have had without us (plus the `--local_rank=N` that
+DeepSpeed's launcher hands to whatever it launches). The config is loaded once, here, and pinned: a
+`--quant-config` among the script's own arguments is the script's business, never read as ours.
+Measurements are finished when the script returns, or exits with `sys.exit(0)`.
+
+`plan` (argv, env -> what to run) and `mpi_env` (MPI ranks -> torch.distributed variables) are pure
+functions; `main` is the thin layer that applies them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import runpy
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .config import CLI_FLAG, ENV_VAR, ConfigError, QuantConfig
+
+USAGE = (f"usage: [deepspeed --num_gpus N | mpirun -np N python] launch/run.py [{CLI_FLAG} FILE] "
+         "your_script.py [its args...]\n"
+         f"  {CLI_FLAG} FILE  ds_quant config (HQT JSON); default: ${ENV_VAR}\n"
+         "  everything after the script path is passed to the script unchanged")
+_LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+# Open MPI / PMIx / MPICH-Hydra variables that say "this process was started by mpirun".
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE")
+DEFAULT_MASTER_PORT = "29500"
+
+
+class UsageError(ValueError):
+    """Bad wrapper arguments; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    script: str            # path of the user's script, absolute
+    argv: tuple[str, ...]  # the script's sys.argv: (script as given, *its args)
+    env: dict[str, str]    # variables to set before the script runs
+    config_path: str       # absolute path of the config file
+
+
+def plan(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Plan:
+    """Split `[our options] script [its args]` and say what the script will see. Pure: no I/O.
+
+    `argv` excludes the wrapper's own name. `--local_rank=N` (added by DeepSpeed's launcher in front of
+    our options) is forwarded to the script, in the same spelling, right after its name, as DeepSpeed
+    would have passed it had it launched the script directly.
+    """
+    config, local_rank, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-"):
+            break
+        if arg in ("-h", "--help"):
+            raise UsageError(USAGE)
+        name, has_value, value = arg.partition("=")
+        if name not in (CLI_FLAG, *_LOCAL_RANK_FLAGS):
+            raise UsageError(f"unknown option {arg!r} before the script path; options for your script go after "
+                             f"it\n{USAGE}")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{name} needs a value\n{USAGE}")
+            i, value = i + 1, argv[i + 1]
+        if name == CLI_FLAG:
+            config = value
+        else:
+            local_rank = [arg if has_value else f"{name}={value}"]
+        i += 1
+    if i >= len(argv):
+        raise UsageError(f"no script to run\n{USAGE}")
+    script, script_args = argv[i], list(argv[i + 1:])
+    config = config or env.get(ENV_VAR) or None
+    if config is None:
+        raise UsageError(f"no config: pass {CLI_FLAG} FILE before the script path, or set {ENV_VAR}\n{USAGE}")
+    config_path = os.path.normpath(os.path.join(cwd, config))
+    return Plan(script=os.path.normpath(os.path.join(cwd, script)), argv=(script, *local_rank, *script_args),
+                env={ENV_VAR: config_path}, config_path=config_path)
+
+
+def in_mpi_job(env: Mapping[str, str]) -> bool:
+    return any(v in env for v in _MPI_SIZE_VARS)
+
+
+def needs_mpi_discovery(env: Mapping[str, str]) -> bool:
+    """Started by mpirun and not by a launcher that already set torch.distributed's variables."""
+    return in_mpi_job(env) and not all(v in env for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def mpi_env(rank: int, world_size: int, local_rank: int, master_addr: str, env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's env:// variables for an mpirun-started process. Pure.
+
+    Like `deepspeed.comm.mpi_discovery`, except that a MASTER_PORT already in the environment is kept
+    (DeepSpeed's overwrites it with 29500, so two jobs on one machine would collide). With these set
+    before the script starts, a script that reads WORLD_SIZE, calls `deepspeed.init_distributed()` or
+    `torch.distributed.init_process_group()` itself, or leaves it to `init_inference`, works unchanged.
+    """
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+            "LOCAL_SIZE": env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("LOCAL_SIZE", str(world_size))),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": env.get("MASTER_PORT", DEFAULT_MASTER_PORT)}
+
+
+# -- the thin layer ------------------------------------------------------------------------------------
+def discover_mpi(env: Mapping[str, str]) -> dict[str, str]:
+    """Ranks from mpi4py; the master address is rank 0's first address (or MASTER_ADDR if set)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    local_rank = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", sum(h == hosts[rank] for h in hosts[:rank])))
+    master_addr = comm.bcast((env.get("MASTER_ADDR") or _first_address()) if rank == 0 else None, root=0)
+    return mpi_env(rank, size, local_rank, master_addr, env)
+
+
+def _first_address() -> str:
+    import socket
+    import subprocess
+
+    try:
+        return subprocess.check_output(["hostname", "-I"], text=True).split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _install(config: QuantConfig) -> list:
+    """ds_quant.install with the config pinned; returns the list every prepared model is appended to."""
+    import deepspeed
+
+    from .hook import install
+
+    install(config)
+    models, inner = [], deepspeed.init_inference
+
+    @functools.wraps(inner)  # keeps the hook's marker, so a script's own ds_quant.install() is a no-op
+    def init_inference(*args, **kwargs):
+        engine = inner(*args, **kwargs)
+        _guard_shm_allreduce()
+        models.append(engine.module)
+        return engine
+
+    init_inference.__wrapped__ = inner.__wrapped__  # ds_quant.uninstall() restores DeepSpeed's own
+    deepspeed.init_inference = init_inference
+    return models
+
+
+def shm_allreduce_usable(local_size: str | None, world_size: int) -> bool:
+    """DeepSpeed's CPU shm allreduce sets itself up only when every rank is on this node."""
+    return local_size is not None and local_size.isdigit() and int(local_size) == world_size
+
+
+def _guard_shm_allreduce() -> None:
+    """DeepSpeed 0.19 on CPU calls its shm allreduce even when it skipped setting it up (ranks on several
+    nodes) and segfaults; there, make `inference_all_reduce` take its own torch.distributed fallback."""
+    from deepspeed.comm import comm
+
+    cdb = comm.cdb
+    if getattr(cdb, "shm_comm_op", None) is not None and not shm_allreduce_usable(os.environ.get("LOCAL_SIZE"),
+                                                                                 cdb.get_world_size()):
+        cdb.shm_vector_kernel_level = 0
+
+
+def _finish(models: list, config: QuantConfig, script: str) -> None:
+    """Finish what the script left unfinished (collective: every rank gets here), then one summary."""
+    import torch
+    import torch.distributed as dist
+
+    from .log import current_rank, get_logger
+    from .modules import Fp8Linear, MeasuredLinear
+    from .prepare import finish_measurements
+
+    log, merged = get_logger(), []
+    for model in models:
+        if any(isinstance(m, MeasuredLinear) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
+                                                                                     False):
+            if not (dist.is_available() and dist.is_initialized()):
+                log.warning("the script destroyed the process group before its measurements were saved; call "
+                            "ds_quant.finish_measurements(model) before destroying it")
+                continue
+            with torch.no_grad():
+                merged.append(finish_measurements(model))
+    if current_rank() == 0:
+        counts = {t.__name__: sum(isinstance(m, t) for model in models for m in model.modules())
+                  for t in (MeasuredLinear, Fp8Linear)}
+        done = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no layers patched"
+        log.info(f"summary: {os.path.basename(script)} finished; {config.mode.value} ({config.source}): "
+                 f"{len(models)} init_inference call(s), {done}"
+                 + (f"; merged measurements in {', '.join(m for m in merged if m)}" if any(merged) else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        p = plan(sys.argv[1:] if argv is None else argv, os.environ, os.getcwd())
+        config = QuantConfig.from_json(p.config_path)  # a bad config fails here, in one line, before any work
+    except UsageError as e:
+        if str(e) == USAGE:  # -h / --help
+            print(USAGE)
+            return 0
+        print(f"ds_quant.run: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"ds_quant.run: {e}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(p.script):
+        print(f"ds_quant.run: script not found: {p.script}", file=sys.stderr)
+        return 2
+    os.environ.update(p.env)
+    if needs_mpi_discovery(os.environ):
+        os.environ.update(discover_mpi(os.environ))
+    models = _install(config)
+    sys.argv = list(p.argv)
+    sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
+    try:
+        runpy.run_path(p.script, run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    _finish(models, config, p.script)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
