@@ -153,3 +153,18 @@ def test_dynamic_per_token_at_tp2_matches_single_process(runs):
     assert sqnr_db(tp1["logits"], tp2["logits"]) > 20
     assert sqnr_db(bf16["logits"], tp2["logits"]) > 20
     assert "QUANTIZE with measurements" not in out["dynamic2"]
+
+
+def test_measurements_saved_at_exit_at_tp2(tmp_path):
+    """A script that never calls finish_measurements: the exit handler gathers the shards over the TP group
+    while it is still alive, and rank 0 writes the merged file."""
+    (tmp_path / "measure.json").write_text(json.dumps({"method": "HOOKS", "mode": "MEASURE",
+                                                      "dump_stats_path": "stats/exit"}))
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "scripts" / "measure_without_finish.py")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "QUANT_CONFIG": "measure.json"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["exit.json", "exit_0_2.json", "exit_1_2.json"]
+    merged = json.loads((tmp_path / "stats" / "exit.json").read_text())
+    assert merged["world_size"] == 2 and merged["layers"]["lm_head"]["samples"] == 16
