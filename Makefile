@@ -8,7 +8,7 @@ DEMO   := out/demo
 TF4    := $(VENV)/transformers4
 LAUNCH_DEPS := $(VENV)/.launch-deps
 
-.PHONY: setup demo test lint clean nodes nodes-down
+.PHONY: setup demo test lint bench clean nodes nodes-down
 
 setup: $(STAMP) $(LAUNCH_DEPS)
 
@@ -37,9 +37,9 @@ nodes-down:
 # Calibrate, then quantize, the example model at TP=2 through the real deepspeed launcher.
 demo: setup
 	rm -rf $(DEMO) out/measure
-	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --quant-config examples/configs/maxabs_measure.json \
+	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --model examples/tiny_llama_trained --quant-config examples/configs/maxabs_measure.json \
 		--save-reference $(DEMO)/bf16.pt --report $(DEMO)/measure.json
-	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --quant-config examples/configs/maxabs_quant.json \
+	$(BIN)/deepspeed --num_gpus $(NPROC) examples/run.py --model examples/tiny_llama_trained --quant-config examples/configs/maxabs_quant.json \
 		--compare-to $(DEMO)/bf16.pt --report $(DEMO)/quant.json
 	@$(BIN)/python -c "import json; m, q = (json.load(open('$(DEMO)/' + f + '.json')) for f in ('measure', 'quant')); \
 		print(f'FP8 / bf16 weight bytes of the patched layers (rank 0): {q[\"weight_bytes\"] / m[\"weight_bytes\"]:.4f}')"
@@ -50,6 +50,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Every figure of the README's results table, in one run (bench/run.py; QUICK=1: smaller shapes, < 2 min).
+bench: setup
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) --json out/bench.json
 
 clean:
 	rm -rf out .pytest_cache

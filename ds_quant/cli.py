@@ -73,6 +73,18 @@ def import_hqt_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report (per-layer FP8 error; issue 6) ---------------------------------------------------------------------
+def report_cmd(args: argparse.Namespace) -> int:
+    from .measurements import MeasurementError
+    from .report import command
+
+    try:
+        return command(args.model, args.quant_config, args.text, args.max_length, args.json)
+    except (ConfigError, MeasurementError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-quant", description="FP8 quantization for DeepSpeed AutoTP models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF model directory or config: gives layer shapes, places per-channel vectors")
     p.add_argument("--allow-pickle", action="store_true", help=".npz files from HQT hold pickled dicts")
     p.set_defaults(func=import_hqt_cmd)
+    # -- report (issue 6) --
+    p = sub.add_parser("report", help="per-layer FP8 output SQNR on calibration texts (QUANTIZE config), "
+                       "or calibrate (MEASURE config); at TP=N: `deepspeed --num_gpus N --no_local_rank --module ds_quant.cli report ...`")
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--quant-config", required=True, metavar="FILE")
+    p.add_argument("--text", metavar="FILE", help="calibration texts, separated by blank lines (default: 3 built in)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text, at most")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=report_cmd)
+    # -- end report --
     return parser
 
 

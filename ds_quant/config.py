@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import math
 import os
 import re
 import sys
@@ -141,6 +142,7 @@ class QuantConfig:
     weight_backoff: float = 0.5  # HQT's: weights are known exactly; half the range
     scale_method_overrides: tuple[tuple[str, ScaleMethod], ...] = ()  # (name regex, method), first match wins
     act_scope: ActScope = ActScope.GLOBAL
+    auto_blocklist_sqnr_db: float | None = None  # report.quantize_with_report: layers below stay high precision
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -186,6 +188,7 @@ class QuantConfig:
             **_parse_scale_params(data.get("scale_params", {}), source),
             scale_method_overrides=_parse_overrides(data.get("scale_method_overrides", {}), source),
             act_scope=ActScope.parse(data.get("act_scope", "global"), "act_scope", source),
+            auto_blocklist_sqnr_db=_parse_sqnr_db(data.get("auto_blocklist_sqnr_db"), source),
             source=source,
         )
         cfg._check_combinations()
@@ -237,7 +240,17 @@ class QuantConfig:
 
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
-         "scale_method_overrides", "act_scope")
+         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db")
+
+
+def _parse_sqnr_db(value: Any, source: str) -> float | None:
+    """`auto_blocklist_sqnr_db`: a layer whose FP8 output SQNR is below this many dB stays high precision."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{source}: key 'auto_blocklist_sqnr_db': {value!r} must be a finite number of dB >= 0 "
+                          "(e.g. 20: layers whose FP8 output SQNR is below 20 dB stay in high precision)")
+    return float(value)
 
 
 def _parse_scale_params(value: Any, source: str) -> dict:

@@ -29,10 +29,14 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     cfg = resolve_config(config)
     if cfg is None:
         raise ConfigError("no quantization config: pass config=, --quant-config FILE, or set QUANT_CONFIG")
+    if cfg.auto_blocklist_sqnr_db is not None:
+        get_logger().warning("auto_blocklist_sqnr_db needs calibration data, which prep_model does not have: it is "
+                             "ignored here; use ds_quant.report.quantize_with_report(model, config, batches) or "
+                             "`ds-quant report`")
     if any(isinstance(m, _TwinLinear) for m in model.modules()):
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
     targets = find(model, make_filter(cfg))
-    make = _measured_maker(cfg) if cfg.mode is Mode.MEASURE else _fp8_maker(cfg, targets)
+    make = _measured_maker(cfg) if cfg.mode is Mode.MEASURE else fp8_maker(cfg, targets)
     model, report = swap(model, targets, make, progress=_progress(f"ds_quant {cfg.mode.value}"))
     _log_outcome(model, cfg, report)
     setattr(model, _CONFIG_ATTR, cfg)
@@ -48,8 +52,8 @@ def finish_measurements(model: nn.Module) -> str | None:
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
     if cfg is None or not measured:
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
-    rank, world, group = _tp_position(measured.values())
-    if world == 1 and _global_rank() != 0:
+    rank, world, group = tp_position(measured.values())
+    if world == 1 and global_rank() != 0:
         return None  # a replicated single-rank model: one writer is enough
     layers = {n: m.stats() for n, m in measured.items()}
     dtype = str(next(iter(measured.values())).weight.dtype).replace("torch.", "")
@@ -58,8 +62,13 @@ def finish_measurements(model: nn.Module) -> str | None:
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
              + (f" and merged {out} ({len(layers)} layers)" if out else ""))
     if cfg.dump_stats_xlsx_path and out:
-        log.warning(f"dump_stats_xlsx_path={cfg.dump_stats_xlsx_path!r}: the statistics workbook is not written "
-                    "by this version; the JSON files hold the statistics")
+        from .workbook import write_from_files
+
+        log.info(f"wrote statistics workbook {write_from_files(cfg.dump_stats_xlsx_path, out, cfg)}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)  # no rank exits (and gets the job killed) while rank 0 is still writing
     model._ds_quant_finished = True
     return out
 
@@ -72,12 +81,12 @@ def _measured_maker(cfg: QuantConfig):
     return make
 
 
-def _fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
+def fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
     measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
     if not measured:
         return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None)
-    rank, world, _ = _tp_position(TPLayout.of(m) for _, m in measured)
+    rank, world, _ = tp_position(TPLayout.of(m) for _, m in measured)
     doc, where = measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
     # Validate every layer before swapping any: a failure leaves the model untouched.
     wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in measured}
@@ -88,7 +97,7 @@ def _fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
 
 
 # -- helpers for the above -------------------------------------------------------------------------------
-def _tp_position(items) -> tuple[int, int, object]:
+def tp_position(items) -> tuple[int, int, object]:
     """(tp rank, tp size, group) of the first tensor-parallel layer; (0, 1, None) if there is none."""
     for item in items:
         layout = item.layout if isinstance(item, _TwinLinear) else item
@@ -97,7 +106,7 @@ def _tp_position(items) -> tuple[int, int, object]:
     return 0, 1, None
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -105,7 +114,7 @@ def _global_rank() -> int:
 
 def _progress(desc: str):
     def wrap(items):
-        if len(items) < 8 or _global_rank() != 0:
+        if len(items) < 8 or global_rank() != 0:
             return items
         from tqdm.auto import tqdm
 
@@ -125,7 +134,7 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     for reason, names in fallbacks.items():
         log.info(f"{len(names)} layer(s) use dequantize-then-matmul instead of torch._scaled_mm ({reason}): "
                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
-    if _global_rank() == 0:
+    if global_rank() == 0:
         log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
         if verbose():
             print(format_report(report), flush=True)

@@ -72,6 +72,8 @@ def load_model(path: str | None):
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return model, ByteTokenizer()  # e.g. examples/tiny_llama_trained: a byte-level model
     return model, AutoTokenizer.from_pretrained(path)
 
 

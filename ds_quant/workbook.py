@@ -1,0 +1,119 @@
+"""The statistics workbook (`dump_stats_xlsx_path`): MEASURE's files as a spreadsheet to read.
+
+One sheet for the merged, model-level statistics and one per rank's shard: layer, kind, shapes,
+input/output/weight max-abs, samples, and the input and weight scale every scale method would give.
+Cells that stand out are filled: a layer whose max-abs is far above the model's median for that column,
+and a layer whose input has outlier channels (max over median channel max-abs). The header row and
+the layer column are frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .config import QuantConfig, ScaleMethod
+
+# A layer's max-abs this many times the median over layers, or an input channel this many times the
+# layer's median channel, is an outlier: a per-tensor scale set by it leaves the other values few FP8 steps.
+OUTLIER_FACTOR = 10.0
+
+_BASE_COLUMNS = ("layer", "kind", "out_features", "in_features", "local_in_features", "input_amax",
+                 "input_channel_outlier", "output_amax", "weight_amax", "samples")
+_AMAX_COLUMNS = ("input_amax", "output_amax", "weight_amax")
+
+
+def rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[list]]:
+    """Header and one row per layer of a merged file or shard (no openpyxl). The scales come from
+    `measurements.layer_table`, the same numbers `ds-quant inspect` prints; the configured method first."""
+    from .measurements import layer_table
+
+    methods = [config.scale_method] + [m for m in ScaleMethod if m is not config.scale_method]
+    scales = {m: {r["layer"]: r for r in layer_table(doc, m.value, config.device_for_scales.value,
+                                                       config.fp8_config.value)} for m in methods}
+    header = list(_BASE_COLUMNS)
+    for m in methods:
+        header += [f"input_scale[{m.value}]", f"weight_scale[{m.value}]"]
+    out = []
+    for name, rec in doc["layers"].items():
+        channels = rec.get("input_channel_amax") or []
+        row = [name, rec["kind"], rec["out_features"], rec["in_features"], rec.get("local_in_features", rec["in_features"]),
+               rec["input_amax"], channel_outlier_ratio(channels), rec.get("output_amax"), rec.get("weight_amax"),
+               rec["samples"]]
+        for m in methods:
+            row += [scales[m][name].get("input_scale"), scales[m][name].get("weight_scale")]
+        out.append(row)
+    return header, out
+
+
+def channel_outlier_ratio(channels: Sequence[float]) -> float | None:
+    """max / median of the per-input-channel max-abs (None when not measured)."""
+    if not channels:
+        return None
+    med = statistics.median(channels)
+    return float("inf") if med == 0 and max(channels) > 0 else (max(channels) / med if med else 1.0)
+
+
+def outlier_cells(header: Sequence[str], table: Sequence[Sequence]) -> set[tuple[int, int]]:
+    """(row, column) indices (0-based, into `table`) of the values to highlight."""
+    cells = set()
+    for col in _AMAX_COLUMNS:
+        j = header.index(col)
+        values = [r[j] for r in table if r[j] is not None]
+        if not values:
+            continue
+        med = statistics.median(values)
+        cells |= {(i, j) for i, r in enumerate(table) if r[j] is not None and med > 0 and r[j] > OUTLIER_FACTOR * med}
+    j = header.index("input_channel_outlier")
+    cells |= {(i, j) for i, r in enumerate(table) if r[j] is not None and r[j] > OUTLIER_FACTOR}
+    return cells
+
+
+def write(path: str | os.PathLike, merged: Mapping, shards: Sequence[Mapping], config: QuantConfig) -> Path:
+    """Write the workbook: sheet "model" (merged), then "rank N" per shard. Returns the path."""
+    from openpyxl import Workbook
+    from openpyxl.styles import Font, PatternFill
+
+    fill = PatternFill("solid", start_color="FFC7CE", end_color="FFC7CE")
+    bold = Font(bold=True)
+    wb = Workbook()
+    wb.remove(wb.active)
+    for title, doc in [("model", merged)] + [(f"rank {s['rank']}", s) for s in sorted(shards, key=lambda s: s["rank"])]:
+        ws = wb.create_sheet(title)
+        header, table = rows(doc, config)
+        ws.append(header)
+        for cell in ws[1]:
+            cell.font = bold
+        for r in table:
+            ws.append(r)
+        for i, j in outlier_cells(header, table):
+            ws.cell(row=i + 2, column=j + 1).fill = fill
+        ws.freeze_panes = "B2"  # header row and layer column stay visible
+        ws.column_dimensions["A"].width = max([len(str(r[0])) for r in table] + [8]) + 2
+    info = wb.create_sheet("about")
+    for k in ("format", "version", "kind", "observer", "dtype", "world_size", "fingerprint"):
+        info.append([k, str(merged.get(k))])
+    info.append(["scale_method (configured)", config.scale_method.value])
+    info.append(["fp8_config", config.fp8_config.value])
+    info.append(["highlighted", f"max-abs > {OUTLIER_FACTOR:g}x the median over layers; input channel max-abs "
+                                f"> {OUTLIER_FACTOR:g}x the layer's median channel"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    wb.save(tmp)
+    os.replace(tmp, path)  # readers never see half a workbook
+    return path
+
+
+def write_from_files(path: str | os.PathLike, merged_path: str, config: QuantConfig) -> Path:
+    """The workbook from the merged file and the shards readable here (rank 0 after MEASURE; on several
+    hosts without a shared filesystem, other hosts' shards are missing and their sheets are left out)."""
+    from . import measurements
+
+    merged = measurements.load(merged_path)
+    shard_files = [measurements.shard_path(config.dump_stats_path, r, merged["world_size"])
+                   for r in range(merged["world_size"])]
+    shards = [measurements.load(f) for f in shard_files if Path(f).exists()]
+    return write(path, merged, shards, config)
