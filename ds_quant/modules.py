@@ -20,9 +20,9 @@ from .scales import (
     fp8_dtype,
     input_to_scale,
     per_token_scale,
+    quantize_weight,
     tensor_to_amax,
     to_fp8_saturated,
-    weight_to_scale,
 )
 from .tp import Kind, TPLayout
 
@@ -139,15 +139,14 @@ class Fp8Linear(_TwinLinear):
         profile = PROFILES[config.device_for_scales]
         w_hp = module.weight.detach()
         reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
-        weight_scale = weight_to_scale(w_hp, recipe, dtype, profile, config.weight_backoff, reduce_max, reduce_sum)
+        w_fp8, weight_scale = quantize_weight(w_hp, recipe, dtype, profile, config.weight_backoff, reduce_max,
+                                              reduce_sum)
         if record is not None and record.get("weight_amax") is not None:
             _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
         input_scale = None
         if recipe.act is not Act.DYNAMIC:
             amax = torch.tensor(input_amax(record, layout, config.act_scope) if record else 0.0, device=w_hp.device)
             input_scale = input_to_scale(amax, recipe, dtype, profile, config.input_backoff)
-        w_scale_rows = weight_scale[:, None] if weight_scale.dim() == 1 else weight_scale
-        w_fp8 = to_fp8_saturated(w_hp, w_scale_rows, dtype, profile.fp8_max(dtype))
         return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype))
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -240,3 +240,14 @@ def test_decode_shapes_every_method(method, tokens):
     y = fp8(x[:tokens].reshape(1, tokens, -1))
     assert y.shape == (1, tokens, layer.out_features)
     assert ds_quant.scales.sqnr_db(ref, y[0]) > 24
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_never_modifies_the_weight(method, dtype):
+    """The search scales a float32 copy in place; a float32 weight's .float() is the weight itself."""
+    layer, x = make_data("student_t")
+    layer = layer.to(dtype)
+    before = layer.weight.detach().clone()
+    quantize(layer, x.to(dtype), method)
+    assert torch.equal(layer.weight.detach(), before)
