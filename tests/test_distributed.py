@@ -6,37 +6,19 @@ script is unmodified DeepSpeed inference code plus `ds_quant.install()`: the swa
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ds_quant.scales import sqnr_db
+from tests.launcher import ROOT, deepspeed
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, *args: str, cwd: Path) -> str:
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "examples" / "run.py"),
-           *args]
-    env = {**os.environ, "QUANT_VERBOSE": "1"}
-    env.pop("QUANT_CONFIG", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
-    return output
+    return deepspeed(ranks, ROOT / "examples" / "run.py", *args, cwd=cwd, QUANT_VERBOSE="1")
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +142,7 @@ def test_measurements_saved_at_exit_at_tp2(tmp_path):
     while it is still alive, and rank 0 writes the merged file."""
     (tmp_path / "measure.json").write_text(json.dumps({"method": "HOOKS", "mode": "MEASURE",
                                                       "dump_stats_path": "stats/exit"}))
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "measure_without_finish.py")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "QUANT_CONFIG": "measure.json"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    deepspeed(2, ROOT / "tests" / "scripts" / "measure_without_finish.py", cwd=tmp_path, QUANT_CONFIG="measure.json")
     assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["exit.json", "exit_0_2.json", "exit_1_2.json"]
     merged = json.loads((tmp_path / "stats" / "exit.json").read_text())
     assert merged["world_size"] == 2 and merged["layers"]["lm_head"]["samples"] == 16

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,8 @@ import pytest
 import ds_quant
 from ds_quant import run
 from ds_quant.config import ConfigError, QuantConfig
+from tests.launcher import BIN, ROOT, free_port, run_ok
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 RUN_PY = str(ROOT / "launch" / "run.py")
 SCRIPT = str(ROOT / "tests" / "scripts" / "hf_text_generation.py")
 TF4 = ROOT / ".venv" / "transformers4"
@@ -159,19 +157,8 @@ def test_pipeline_rejects_configs_that_do_not_chain():
 
 
 # -- real launches ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cmd: list[str], cwd: Path, **env: str) -> str:
-    full_env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", **env}
-    full_env.pop("QUANT_CONFIG", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
-    return output
+    return run_ok(cmd, cwd=cwd, **env)
 
 
 def write_configs(work: Path, dump_stats_path: str = "stats/tiny") -> tuple[str, str]:

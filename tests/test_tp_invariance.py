@@ -5,10 +5,6 @@ input scale and slice: the scales themselves are checked, not only the logits.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,10 +13,9 @@ import torch
 
 from ds_quant import measurements as ms
 from ds_quant.scales import sqnr_db
+from tests.launcher import ROOT, deepspeed
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 # examples/run.py, unchanged, plus each FP8 layer's input scale and input slice in its --report.
 PROBE = textwrap.dedent(f"""
@@ -43,20 +38,8 @@ PROBE = textwrap.dedent(f"""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, *args: str, cwd: Path) -> str:
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(cwd / "probe.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("QUANT_CONFIG", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
-    return output
+    return deepspeed(ranks, cwd / "probe.py", *args, cwd=cwd, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
