@@ -87,6 +87,8 @@ def report_cmd(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-quant", description="FP8 quantization for DeepSpeed AutoTP models")
+    # deepspeed's launcher passes --local_rank to whatever it starts (`deepspeed --module ds_quant.cli report`)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-config", help="validate a quantization config: prints 'ok' or what to fix")
     p.add_argument("file")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=import_hqt_cmd)
     # -- report (issue 6) --
     p = sub.add_parser("report", help="per-layer FP8 output SQNR on calibration texts (QUANTIZE config), "
-                       "or calibrate (MEASURE config); at TP=N: `deepspeed --num_gpus N --no_local_rank --module ds_quant.cli report ...`")
+                       "or calibrate (MEASURE config); at TP=N: `deepspeed --num_gpus N --module ds_quant.cli report ...`")
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--quant-config", required=True, metavar="FILE")
     p.add_argument("--text", metavar="FILE", help="calibration texts, separated by blank lines (default: 3 built in)")

@@ -46,6 +46,7 @@ def _wrap(init_inference, pinned: QuantConfig | None = None):
     @functools.wraps(init_inference)
     def init_inference_quantized(*args, **kwargs):
         engine = init_inference(*args, **kwargs)
+        _guard_shm_allreduce()
         config = pinned if pinned is not None else QuantConfig.from_env_or_args()
         if config is not None:
             # prep_model swaps submodules in place; the engine keeps the same module object.
@@ -54,6 +55,22 @@ def _wrap(init_inference, pinned: QuantConfig | None = None):
 
     setattr(init_inference_quantized, _WRAPPED_ATTR, True)
     return init_inference_quantized
+
+
+def shm_allreduce_usable(local_size: str | None, world_size: int) -> bool:
+    """DeepSpeed's CPU shm allreduce sets itself up only when every rank is on this node."""
+    return local_size is not None and local_size.isdigit() and int(local_size) == world_size
+
+
+def _guard_shm_allreduce() -> None:
+    """DeepSpeed 0.19 on CPU calls its shm allreduce even when it skipped setting it up (ranks on several
+    nodes) and segfaults; there, make `inference_all_reduce` take its own torch.distributed fallback."""
+    from deepspeed.comm import comm
+
+    cdb = comm.cdb
+    if getattr(cdb, "shm_comm_op", None) is not None and not shm_allreduce_usable(os.environ.get("LOCAL_SIZE"),
+                                                                                 cdb.get_world_size()):
+        cdb.shm_vector_kernel_level = 0
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -144,29 +144,12 @@ def _install(config: QuantConfig) -> list:
     @functools.wraps(inner)  # keeps the hook's marker, so a script's own ds_quant.install() is a no-op
     def init_inference(*args, **kwargs):
         engine = inner(*args, **kwargs)
-        _guard_shm_allreduce()
         models.append(engine.module)
         return engine
 
     init_inference.__wrapped__ = inner.__wrapped__  # ds_quant.uninstall() restores DeepSpeed's own
     deepspeed.init_inference = init_inference
     return models
-
-
-def shm_allreduce_usable(local_size: str | None, world_size: int) -> bool:
-    """DeepSpeed's CPU shm allreduce sets itself up only when every rank is on this node."""
-    return local_size is not None and local_size.isdigit() and int(local_size) == world_size
-
-
-def _guard_shm_allreduce() -> None:
-    """DeepSpeed 0.19 on CPU calls its shm allreduce even when it skipped setting it up (ranks on several
-    nodes) and segfaults; there, make `inference_all_reduce` take its own torch.distributed fallback."""
-    from deepspeed.comm import comm
-
-    cdb = comm.cdb
-    if getattr(cdb, "shm_comm_op", None) is not None and not shm_allreduce_usable(os.environ.get("LOCAL_SIZE"),
-                                                                                 cdb.get_world_size()):
-        cdb.shm_vector_kernel_level = 0
 
 
 def _finish(models: list, config: QuantConfig, script: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import ds_quant
-from ds_quant import run
+from ds_quant import hook, run
 from ds_quant.config import ConfigError, QuantConfig
 from tests.launcher import BIN, ROOT, free_port, run_ok
 
@@ -78,9 +78,9 @@ def test_mpi_env_keeps_master_port_and_local_size():
 
 
 def test_shm_allreduce_only_when_every_rank_is_local():
-    assert run.shm_allreduce_usable("2", 2)
-    assert not run.shm_allreduce_usable("1", 2)  # two nodes, one rank each: DeepSpeed's shm op would segfault
-    assert not run.shm_allreduce_usable(None, 2)
+    assert hook.shm_allreduce_usable("2", 2)
+    assert not hook.shm_allreduce_usable("1", 2)  # two nodes, one rank each: DeepSpeed's shm op would segfault
+    assert not hook.shm_allreduce_usable(None, 2)
 
 
 def test_pinned_config_ignores_a_quant_config_in_the_scripts_argv(monkeypatch):
