@@ -36,3 +36,13 @@ def get_logger() -> logging.Logger:
 
 def verbose() -> bool:
     return os.environ.get("QUANT_VERBOSE", "0") not in ("", "0", "false", "False")
+
+
+def rank0_progress(items, desc: str, unit: str = "it", min_items: int = 2):
+    """`items` with a tqdm bar on global rank 0 (when there are at least `min_items`); plain elsewhere."""
+    items = list(items)
+    if len(items) < min_items or current_rank() != 0:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, leave=False)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
-from .log import get_logger, verbose
+from .log import current_rank, get_logger, rank0_progress, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
 from .patch import find, format_report, make_filter, skipped_tp_layers, swap
 from .scales import RECIPES
@@ -37,7 +37,10 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
     targets = find(model, make_filter(cfg))
     make = _measured_maker(cfg) if cfg.mode is Mode.MEASURE else fp8_maker(cfg, targets)
-    model, report = swap(model, targets, make, progress=_progress(f"ds_quant {cfg.mode.value}"))
+    def progress(items):
+        return rank0_progress(items, f"ds_quant {cfg.mode.value}", unit="layer", min_items=8)
+
+    model, report = swap(model, targets, make, progress=progress)
     _log_outcome(model, cfg, report)
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
@@ -53,7 +56,7 @@ def finish_measurements(model: nn.Module) -> str | None:
     if cfg is None or not measured:
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
     rank, world, group = tp_position(measured.values())
-    if world == 1 and global_rank() != 0:
+    if world == 1 and current_rank() != 0:
         return None  # a replicated single-rank model: one writer is enough
     layers = {n: m.stats() for n, m in measured.items()}
     dtype = str(next(iter(measured.values())).weight.dtype).replace("torch.", "")
@@ -106,23 +109,6 @@ def tp_position(items) -> tuple[int, int, object]:
     return 0, 1, None
 
 
-def global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _progress(desc: str):
-    def wrap(items):
-        if len(items) < 8 or global_rank() != 0:
-            return items
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, unit="layer", leave=False)
-
-    return wrap
-
-
 def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     log = get_logger()
     for fqn, reason in skipped_tp_layers(model):
@@ -134,7 +120,7 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     for reason, names in fallbacks.items():
         log.info(f"{len(names)} layer(s) use dequantize-then-matmul instead of torch._scaled_mm ({reason}): "
                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
-    if global_rank() == 0:
+    if current_rank() == 0:
         log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
         if verbose():
             print(format_report(report), flush=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import Mode, ModuleFilter, QuantConfig, resolve_config
-from .log import get_logger
+from .log import current_rank, get_logger, rank0_progress
 from .patch import find, make_filter
 
 
@@ -85,7 +85,7 @@ def quantize_with_report(model: nn.Module, config: QuantConfig | dict | str | No
     # the auto-blocklist is applied: the blocks are now explicit names
     model = prep_model(model, replace(with_blocked(cfg, blocked), auto_blocklist_sqnr_db=None))
     with torch.no_grad():
-        quantized = [main_output(forward(model, b)) for b in _progress(batches, "FP8 pass")]
+        quantized = [main_output(forward(model, b)) for b in rank0_progress(batches, "ds_quant report: FP8 pass")]
     layers = sorted((LayerError(n, kind, o, i, s, n in blocked) for n, s in sqnr.items()
                      for kind, o, i in [shapes[n]]), key=lambda e: (e.sqnr_db, e.name))
     report = Report(layers, sqnr_of(reference, quantized), threshold, len(batches))
@@ -107,7 +107,7 @@ def layer_sqnr(model: nn.Module, config: QuantConfig, batches: Iterable, forward
     if not targets:
         raise ValueError("no layer to report on: the config's allow/block lists leave no supported linear")
     make = fp8_maker(config, targets)
-    twins = {fqn: make(m, fqn) for fqn, m in _progress(targets, "FP8 twins")}
+    twins = {fqn: make(m, fqn) for fqn, m in rank0_progress(targets, "ds_quant report: FP8 twins")}
     sums = torch.zeros(len(targets), 2, dtype=torch.float64)  # per layer: (signal, noise)
     index = {fqn: i for i, (fqn, _) in enumerate(targets)}
 
@@ -121,7 +121,8 @@ def layer_sqnr(model: nn.Module, config: QuantConfig, batches: Iterable, forward
     handles = [m.register_forward_hook(hook(fqn)) for fqn, m in targets]
     try:
         with torch.no_grad():
-            reference = [main_output(forward(model, b)) for b in _progress(batches, "calibration")]
+            reference = [main_output(forward(model, b))
+                         for b in rank0_progress(batches, "ds_quant report: calibration")]
     finally:
         for h in handles:
             h.remove()
@@ -175,18 +176,6 @@ def _call(model: nn.Module, batch):
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
-def _progress(items, desc: str):
-    """tqdm on global rank 0 only; plain iteration elsewhere."""
-    from .prepare import global_rank
-
-    items = list(items)
-    if global_rank() != 0 or len(items) < 2:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=f"ds_quant report: {desc}", leave=False)
-
-
 # -- `ds-quant report` ------------------------------------------------------------------------------------------
 DEFAULT_TEXTS = ("The quick brown fox jumps over the lazy dog.",
                  "def add(a, b):\n    return a + b",
@@ -201,7 +190,7 @@ def command(model_path: str, config_path: str, text_path: str | None = None, max
     import os
     from pathlib import Path
 
-    from .prepare import finish_measurements, global_rank, prep_model
+    from .prepare import finish_measurements, prep_model
 
     cfg = QuantConfig.from_json(config_path)
     texts = DEFAULT_TEXTS if text_path is None else [t for t in Path(text_path).read_text().split("\n\n") if t.strip()]
@@ -216,14 +205,14 @@ def command(model_path: str, config_path: str, text_path: str | None = None, max
     if cfg.mode is Mode.MEASURE:
         model = prep_model(model, cfg)
         with torch.no_grad():
-            for b in _progress(batches, "calibration"):
+            for b in rank0_progress(batches, "ds_quant report: calibration"):
                 model(b)
         out = finish_measurements(model)
         if out:
             print(f"measured {len(batches)} text(s): {out}")
     else:
         _, report = quantize_with_report(model, cfg, batches)
-        if global_rank() == 0:
+        if current_rank() == 0:
             print(report.format())
             if json_out:
                 Path(json_out).parent.mkdir(parents=True, exist_ok=True)
