@@ -4,8 +4,9 @@
     python bench/run.py --quick --json out/bench.json  # the same keys on smaller shapes, < 2 min
 
 Single process: conversion speed (`convert_seconds_per_gb`), merging 64 shards of 1000 layers
-(`merge_seconds_64x1000`), CPU GEMM timings (bf16 vs `_scaled_mm` vs dequantize vs the fused FP8 GEMV of
-`bench/fast_decode.py`), and on CUDA `gemm_fp8_over_bf16`. Then one `deepspeed --num_gpus 2` launch of
+(`merge_seconds_64x1000`), the CPU GEMM table of `bench/gemm.py` (bf16 vs every FP8 backend of
+`ds_quant.ops`, M in {1, 8, 64, 512}), and on CUDA `gemm_fp8_over_bf16`. The CPU model and ISA flags are
+printed and stored with the figures (they decide which path is fastest). Then one `deepspeed --num_gpus 2` launch of
 `bench/tp_worker.py` for the TP=2 figures (weight bytes, MEASURE overhead, prefill/decode speedup) and
 the accuracy of `examples/accuracy.py` (MiniLM cosine, tiny-Llama perplexity).
 """
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fast_decode import cuda_gemm_fp8_over_bf16, gemm_table  # noqa: E402
+from bench.gemm import cpu_info, cuda_gemm_fp8_over_bf16, gemm_table  # noqa: E402
 
 KEYS = ("weight_bytes_ratio", "measure_overhead", "prefill_speedup", "decode_speedup", "convert_seconds_per_gb",
         "merge_seconds_64x1000", "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")
@@ -40,7 +41,8 @@ SIZES = {
     "convert_layers": (4, 16),  # 4096 x 4096 bf16 linears: 128 MB / 512 MB
     "tp_model": ({"hidden": 2048, "inter": 5632, "layers": 1, "prefill": 512, "reps": 3, "windows": 16},
                  {"hidden": 4096, "inter": 11008, "layers": 2, "prefill": 512, "reps": 5, "windows": 64}),
-    "gemm_shapes": (((1, 4096, 4096), (512, 2048, 2048)), ((1, 8192, 8192), (512, 8192, 8192))),
+    "gemm_shapes": (tuple((m, 2048, 2048) for m in (1, 8, 64, 512)),
+                    tuple((m, d, d) for d in (4096, 8192) for m in (1, 8, 64, 512))),
 }
 
 
@@ -112,7 +114,7 @@ def machine() -> dict:
         pass
     import deepspeed
 
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), **cpu_info(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()}
 
@@ -120,14 +122,15 @@ def machine() -> dict:
 def table(res: dict) -> str:
     lines = [f"ds_quant bench ({'quick' if res['meta']['quick'] else 'full'}), {res['meta']['date']}, "
              f"{res['meta']['cpu']} x{res['meta']['cores']}" + (f", {res['meta']['gpu']}" if res["meta"]["gpu"] else ""),
+             f"  ISA: {' '.join(res['meta']['isa_flags'])}; CPU kernel: {res['meta']['kernel_isa'] or res['meta']['kernel_reason']}, "
+             f"native GEMM {res['meta']['native_gemm_dtype']}, GEMV up to M={res['meta']['gemv_max_m']}",
              f"  {'figure':<24} {'value':>10}  target"]
     for k in KEYS:
         lines.append(f"  {k:<24} {res[k]:>10.4g}  {TARGETS.get(k, '')}")
-    if "decode_speedup_fused_gemv" in res:
-        lines.append(f"  {'decode_speedup (fused GEMV, proposal)':<24} {res['decode_speedup_fused_gemv']:>10.4g}  >= 1.0")
     for shape, row in res["cpu_gemm"].items():
         parts = [f"{k.replace('_speed_vs_bf16', '')} {v:.3g}x" for k, v in row.items() if k.endswith("_speed_vs_bf16")]
-        lines.append(f"  CPU GEMM {shape} speed vs bf16: " + ", ".join(parts))
+        lines.append(f"  CPU GEMM {shape:<14} bf16 {row['bf16_s'] * 1e3:8.2f} ms; FP8 speed vs bf16: " + ", ".join(parts)
+                     + f" (auto = {row['auto_backend']})")
     if res.get("gemm_fp8_over_bf16"):
         lines += [f"  CUDA gemm_fp8_over_bf16 {s}: {v:.3g}" for s, v in res["gemm_fp8_over_bf16"].items()]
     return "\n".join(lines)
@@ -137,8 +140,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes, same keys (< 2 min on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the compiled fused FP8 GEMV (default: on in full mode; compiling costs ~20 s)")
     args = p.parse_args(argv)
     q = 0 if args.quick else 1
     t_start = time.perf_counter()
@@ -152,19 +153,16 @@ def main(argv=None) -> int:
         phase["convert"] = time.perf_counter() - t0
         res["merge_seconds_64x1000"], res["meta"]["merge"] = merge_seconds(64, 1000, work)
         phase["merge"] = time.perf_counter() - t0 - sum(phase.values())
-        fused = (not args.quick) if args.fused is None else args.fused
-        res["cpu_gemm"] = gemm_table(SIZES["gemm_shapes"][q], reps=3 if args.quick else 5, fused=fused)
+        res["cpu_gemm"] = gemm_table(SIZES["gemm_shapes"][q], reps=3 if args.quick else 5)
         phase["gemm"] = time.perf_counter() - t0 - sum(phase.values())
         if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
             res["gemm_fp8_over_bf16"] = cuda_gemm_fp8_over_bf16()
         res["meta"]["tp_model"] = SIZES["tp_model"][q]
-        tp = tp_figures({**SIZES["tp_model"][q], "fused-decode": int(fused)}, work)
+        tp = tp_figures(SIZES["tp_model"][q], work)
         phase["tp_launch"] = time.perf_counter() - t0 - sum(phase.values())
         res["meta"]["phase_seconds"] = {k: round(v, 1) for k, v in phase.items()}
         res.update({k: tp[k] for k in ("weight_bytes_ratio", "measure_overhead", "prefill_speedup", "decode_speedup",
                                        "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")})
-        if "decode_speedup_fused_gemv" in tp:
-            res["decode_speedup_fused_gemv"] = tp["decode_speedup_fused_gemv"]
         res["tp"] = tp
     res["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(table(res))

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 import ds_quant  # noqa: E402
+from ds_quant import ops  # noqa: E402
 from ds_quant.modules import Fp8Linear, MeasuredLinear  # noqa: E402
 
 
@@ -85,7 +86,6 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--windows", type=int, default=64)
-    p.add_argument("--fused-decode", type=int, default=0, help="1: also time bench/fast_decode.py's decode path")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -113,21 +113,12 @@ def main() -> None:
         del measured
         fp8 = ds_quant.prep_model(build(), {**base, "mode": "QUANTIZE"})
         out["fp8_weight_bytes_rank0"] = weight_bytes(fp8, Fp8Linear)
-        out["fp8_paths"] = sorted({m.fallback_reason or "scaled_mm" for m in fp8.modules() if isinstance(m, Fp8Linear)})
+        out["fp8_paths"] = sorted({ops.describe(m.weight.device, *m.weight.shape, rowwise=m.rowwise)
+                                   for m in fp8.modules() if isinstance(m, Fp8Linear)})
         out["bf16_prefill_s"], out["fp8_prefill_s"], out["prefill_speedup"] = paired(
             prefill(plain), prefill(fp8), args.reps)
         out["bf16_decode_s"], out["fp8_decode_s"], out["decode_speedup"] = paired(
             decode_step(plain, prompt), decode_step(fp8, prompt), max(4 * args.reps, 8))
-        if args.fused_decode:
-            from bench.fast_decode import use_fused_decode
-
-            use_fused_decode(fp8)
-            t0 = time.perf_counter()
-            step = decode_step(fp8, prompt)
-            step()  # compiles one kernel per weight shape
-            out["fused_compile_s"] = time.perf_counter() - t0
-            out["bf16_decode_s_2"], out["fp8_fused_decode_s"], out["decode_speedup_fused_gemv"] = paired(
-                decode_step(plain, prompt), step, max(4 * args.reps, 8))
         out["threads_per_rank"] = torch.get_num_threads()
         del plain, fp8
     out["weight_bytes_ratio"] = out["fp8_weight_bytes_rank0"] / out["bf16_weight_bytes_rank0"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import ActScope, MeasureExclude, QuantConfig
 from .observers import MaxAbsObserver
 from .scales import (
@@ -19,10 +20,8 @@ from .scales import (
     Act,
     fp8_dtype,
     input_to_scale,
-    per_token_scale,
     quantize_weight,
     tensor_to_amax,
-    to_fp8_saturated,
 )
 from .tp import Kind, TPLayout
 
@@ -90,25 +89,6 @@ class MeasuredLinear(_TwinLinear):
         return f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, samples={self.observer.samples}"
 
 
-def scaled_mm_unsupported_reason(device: torch.device, out_features: int, in_features: int,
-                                 rowwise: bool = False) -> str | None:
-    """Why `torch._scaled_mm` cannot run this GEMM here, or None if it can."""
-    if in_features == 0 or out_features == 0:
-        return "empty shard (DeepSpeed gave this rank no channels)"
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
-            return "this GPU has no FP8 GEMM (needs compute capability 8.9+)"
-        if in_features % 16 or out_features % 16:
-            return "in/out features not multiples of 16"
-        if rowwise and capability < (9, 0):
-            return "rowwise scales need compute capability 9.0+; scales applied to the output instead"
-        return None
-    return f"no FP8 GEMM on device type {device.type}"
-
-
 class Fp8Linear(_TwinLinear):
     """FP8 weight with per-tensor or per-output-channel scales; activations cast with a static per-tensor
     scale (from the measurements) or dynamic per-token scales; GEMM in FP8, output in the model dtype.
@@ -123,12 +103,15 @@ class Fp8Linear(_TwinLinear):
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
         self.act_limit = act_limit  # +-fp8 max of the device profile (240 on Gaudi2)
-        self.rowwise = input_scale is None or weight_scale.dim() == 1
-        # Rowwise GEMMs take the weight scales as a (1, N) row; built once, not per forward.
-        self.register_buffer("_scale_b_row", weight_scale.float().expand(weight_fp8.shape[0]).reshape(1, -1).clone()
-                             if self.rowwise else None, persistent=False)
-        self.fallback_reason = scaled_mm_unsupported_reason(weight_fp8.device, *weight_fp8.shape,
-                                                            rowwise=self.rowwise)
+
+    @property
+    def rowwise(self) -> bool:
+        return self.input_scale is None or self.weight_scale.dim() == 1
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why this layer runs the slow reference GEMM where its weight is now (None: a fast backend)."""
+        return ops.fallback_reason(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
 
     @classmethod
     def from_original(cls, module: nn.Module, name: str, config: QuantConfig, record: dict | None) -> Fp8Linear:
@@ -150,31 +133,15 @@ class Fp8Linear(_TwinLinear):
         return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype))
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x_local.shape[:-1]
-        x_2d = x_local.reshape(lead.numel(), x_local.shape[-1])  # (M, K); K may be 0 (empty shard)
-        scale_a = per_token_scale(x_2d, self.act_limit) if self.input_scale is None else self.input_scale
-        x_fp8 = to_fp8_saturated(x_2d, scale_a, self.weight.dtype, self.act_limit)
-        scale_b = self.weight_scale
-        if self.rowwise:  # (M, 1) x (1, N): every combination of per-tensor / per-token / per-channel
-            if scale_a.dim() == 0:
-                scale_a = scale_a.reshape(1, 1).repeat(x_2d.shape[0], 1)  # materialised: stride (1, 1)
-            scale_b = self._scale_b_row
-        if self.fallback_reason is None:
-            # mat2 must be column-major: weight is (N, K) row-major, so .t() is (K, N) column-major.
-            y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=self.out_dtype)
-        else:
-            # Same FP8 values and scales; accumulate in float32 as the FP8 GEMM does, then apply the scales.
-            y = (torch.matmul(x_fp8.float(), self.weight.float().t()) * scale_a * scale_b).to(self.out_dtype)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*lead, self.out_features)
+        return ops.fp8_linear(x_local, self.weight, self.weight_scale, self.input_scale, self.out_dtype, bias,
+                              self.act_limit)
 
     def extra_repr(self) -> str:
-        path = "scaled_mm" if self.fallback_reason is None else f"dequant ({self.fallback_reason})"
         act = "dynamic per-token" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
         w = "per-channel" if self.weight_scale.dim() else f"weight_scale={float(self.weight_scale):.4g}"
+        gemm = ops.describe(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
         return (f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, {self.weight.dtype}, "
-                f"{act}, {w}, {path}")
+                f"{act}, {w}, {gemm}")
 
 
 def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:

@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import measurements
+from . import measurements, ops
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .log import current_rank, get_logger, rank0_progress, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
@@ -113,13 +113,19 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     log = get_logger()
     for fqn, reason in skipped_tp_layers(model):
         log.info(f"left in high precision: {fqn}: {reason}")
-    fallbacks = {}
+    fallbacks, backends = {}, {}
     for m in model.modules():
-        if isinstance(m, Fp8Linear) and m.fallback_reason:
-            fallbacks.setdefault(m.fallback_reason, []).append(m.name)
+        if isinstance(m, Fp8Linear):
+            if m.fallback_reason:
+                fallbacks.setdefault(m.fallback_reason, []).append(m.name)
+            else:
+                backends.setdefault(ops.describe(m.weight.device, *m.weight.shape, rowwise=m.rowwise), []).append(m.name)
     for reason, names in fallbacks.items():
-        log.info(f"{len(names)} layer(s) use dequantize-then-matmul instead of torch._scaled_mm ({reason}): "
+        log.info(f"{len(names)} layer(s) run the pure-torch reference FP8 GEMM ({reason}): "
                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if current_rank() == 0:
+        for plan, names in backends.items():
+            log.info(f"FP8 GEMM of {len(names)} layer(s): {plan}")
     if current_rank() == 0:
         log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
         if verbose():

@@ -33,4 +33,7 @@ def test_quick_bench_produces_every_key(tmp_path):
     assert 0.5 <= res["weight_bytes_ratio"] < 0.505  # bytes, not time: exact up to the scale tensors
     assert tp["fp8_paths"] and res["meta"]["quick"] is True
     assert res["minilm_cosine"] == tp["accuracy"]["minilm"]["mean_cosine"]
-    assert set(res["cpu_gemm"]) == {"1x4096x4096", "512x2048x2048"}
+    assert set(res["cpu_gemm"]) == {f"{m}x2048x2048" for m in (1, 8, 64, 512)}
+    assert res["meta"]["cpu"] and "isa_flags" in res["meta"] and "ISA:" in proc.stdout
+    for row in res["cpu_gemm"].values():  # every backend timed against bf16 in the same run
+        assert row["auto_speed_vs_bf16"] == pytest.approx(row["bf16_s"] / row["auto_s"])
