@@ -58,9 +58,15 @@ def fp8_linear(x_hp: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x
     `x_scale`, or per token when it is None (saturating at +-`act_limit`), then multiplied in FP8."""
     lead = x_hp.shape[:-1]
     x_2d = x_hp.reshape(lead.numel(), x_hp.shape[-1])  # (M, K); K may be 0 (empty shard)
-    scale_a = per_token_scale(x_2d, act_limit or float(torch.finfo(w_fp8.dtype).max)) if x_scale is None else x_scale
-    x_fp8 = to_fp8_saturated(x_2d, scale_a, w_fp8.dtype, act_limit)
-    y = fp8_mm(x_fp8, w_fp8, scale_a, w_scale, out_dtype)
+    limit = act_limit or float(torch.finfo(w_fp8.dtype).max)
+    scale_a = per_token_scale(x_2d, limit) if x_scale is None else x_scale
+    backend = choose_backend(x_2d.device, x_2d.shape[0], w_fp8.shape[0], x_2d.shape[1],
+                             rowwise=scale_a.numel() > 1 or w_scale.numel() > 1)
+    if backend.name in _COMPILED:  # the kernel's one-pass cast: the same bytes as to_fp8_saturated
+        x_fp8 = torch.ops.ds_quant.quantize_fp8(x_2d, scale_a, limit, w_fp8.dtype)
+    else:
+        x_fp8 = to_fp8_saturated(x_2d, scale_a, w_fp8.dtype, limit)
+    y = _RUN[backend.name](x_fp8, w_fp8, scale_a, w_scale, out_dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w_fp8.shape[0])
@@ -223,6 +229,7 @@ def _cpu_blocked(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
     return torch.ops.ds_quant.fp8_gemm_blocked(x_fp8, w_fp8, scale_a, scale_b, out_dtype, dtype, CPU_BLOCK_N)
 
 
+_COMPILED = frozenset({"cpu_gemv", "cpu_dp", "cpu_blocked"})
 _RUN = {"reference": fp8_mm_reference, "cuda_scaled_mm": _cuda_scaled_mm, "cpu_scaled_mm": _cpu_scaled_mm,
         "cpu_gemv": _cpu_gemv, "cpu_dp": _cpu_dp, "cpu_blocked": _cpu_blocked}
 

@@ -113,6 +113,27 @@ def test_output_dtype_rounding_matches_reference(out_dtype):
         assert torch.equal(run_path(*path, x8, w8, sa, sb, out_dtype), ref), path
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_activation_cast_is_torchs_bit_for_bit(dtype, hp):
+    """ops casts activations with the kernel's one-pass quantize_fp8 on CPU: it must give exactly the bytes of
+    scales.to_fp8_saturated: every magnitude from 1e-12 to 1e6, every FP8 value, every midpoint between two
+    (ties to even), +-0, beyond the limit, NaN; per-tensor and per-token scales."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(dtype).float()
+    codes = codes[torch.isfinite(codes)].sort().values
+    mids = (codes[:-1] + codes[1:]) / 2
+    x = torch.cat([torch.randn(4000, generator=g) * torch.logspace(-12, 6, 4000), codes, mids, -mids,
+                   torch.tensor([0.0, -0.0, 1e30, -1e30, float("nan")])]).to(hp)
+    x = torch.stack([x, x.flip(0)])  # (2, K)
+    limit = 240.0 if dtype is torch.float8_e4m3fn else float(torch.finfo(dtype).max)  # Gaudi2's limit for E4M3
+    for scale in (torch.tensor(1.0), torch.tensor(0.37), torch.tensor([[0.5], [3.0]])):
+        want = to_fp8_saturated(x, scale, dtype, limit).view(torch.uint8)
+        got = torch.ops.ds_quant.quantize_fp8(x, scale, limit, dtype).view(torch.uint8)
+        assert torch.equal(got, want), (scale, (got != want).sum())
+
+
 def test_choice_per_device_and_m(monkeypatch):
     monkeypatch.delenv("DS_QUANT_CPU_BACKEND", raising=False)
     monkeypatch.delenv("DS_QUANT_CPU_GEMV_MAX_M", raising=False)

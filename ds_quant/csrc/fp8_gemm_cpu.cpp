@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -445,12 +446,86 @@ inline uint16_t float_to_bf16_rne(float f) {  // round to nearest even, as c10::
 }
 
 inline void store_row(float* y, const float* v, int64_t n) { std::memcpy(y, v, n * sizeof(float)); }
-inline void store_row(at::BFloat16* y, const float* v, int64_t n) {
-  auto* d = reinterpret_cast<uint16_t*>(y);
+inline void store_row(at::BFloat16* y, const float* __restrict v, int64_t n) {
+  auto* __restrict d = reinterpret_cast<uint16_t*>(y);
   for (int64_t j = 0; j < n; ++j) d[j] = float_to_bf16_rne(v[j]);
 }
 inline void store_row(at::Half* y, const float* v, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] = static_cast<at::Half>(v[j]);
+}
+
+// ---- the activation cast: x_hp / scale, clamped to +-limit, rounded to the nearest FP8 (ties to even) -----------
+// One pass, the same numbers as torch's `(x.float() / scale).clamp_(-limit, limit).to(fp8)` (IEEE fp32 division,
+// then round-to-nearest-even into the FP8 format), instead of four passes and four temporaries.
+template <bool E4M3>
+inline uint8_t float_to_fp8_rne(float v) {
+  // Branch-free, so the loop below vectorises: both candidates are computed, one is selected.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // Normals: round the fp32 mantissa to 3 (E4M3) or 2 (E5M2) bits, ties to even; a carry steps the exponent
+  // up, which is the right result. Subnormals: a fixed quantum of 2^-9 (E4M3) or 2^-16 (E5M2), rounded with the
+  // 2^23 trick (exact round-to-nearest-even for 0 <= f < 2^23; no -ffast-math, so it is not folded away).
+  constexpr int kShift = E4M3 ? 20 : 21;
+  constexpr uint32_t kMinNormal = E4M3 ? 0x3C800000u : 0x38800000u;  // 2^-6, 2^-14
+  constexpr uint32_t kRebias = E4M3 ? (120u << 3) : (112u << 2);       // fp32 exponent bias minus the format's
+  const uint32_t r = a + ((1u << (kShift - 1)) - 1) + ((a >> kShift) & 1u);
+  const uint32_t normal = ((r >> kShift) - kRebias) & 0x7Fu;
+  float f;
+  std::memcpy(&f, &a, 4);
+  const float rf = (f * (E4M3 ? 512.f : 65536.f) + 8388608.f) - 8388608.f;
+  const uint32_t sub = static_cast<uint32_t>(static_cast<int32_t>(rf));
+  uint32_t mag = a >= kMinNormal ? normal : sub;
+  mag = a > 0x7F800000u ? 0x7Fu : mag;  // NaN stays NaN (0x7F is NaN in E4M3fn and in E5M2)
+  return static_cast<uint8_t>(sign | mag);
+}
+
+template <typename T, bool E4M3>
+void quantize_row(const T* __restrict x, float s, float limit, uint8_t* __restrict o, int64_t n) {
+  // restrict + a local count: a uint8_t store may alias anything, and would otherwise stop the vectoriser
+  for (int64_t k = 0; k < n; ++k) {
+    float v = static_cast<float>(x[k]) / s;
+    v = v < -limit ? -limit : (v > limit ? limit : v);  // NaN passes through, as clamp_ does
+    o[k] = float_to_fp8_rne<E4M3>(v);
+  }
+}
+
+template <typename T, bool E4M3>
+void quantize_rows(const T* x, const float* scale, bool per_row, float limit, uint8_t* out, int64_t M, int64_t K) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [=](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row<T, E4M3>(x + m * K, scale[per_row ? m : 0], limit, out + m * K, K);
+  });
+}
+
+at::Tensor quantize_fp8(const at::Tensor& x_hp, const at::Tensor& scale, double limit, at::ScalarType dtype) {
+  TORCH_CHECK(x_hp.device().is_cpu() && x_hp.dim() == 2, "ds_quant::quantize_fp8: a 2-D CPU tensor, got ",
+              x_hp.sizes());
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2, "ds_quant::quantize_fp8: FP8 dtype");
+  at::Tensor x = x_hp.contiguous();
+  at::Tensor sc = scale.to(at::kFloat).contiguous().reshape(-1);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(sc.numel() == 1 || sc.numel() == M, "ds_quant::quantize_fp8: scale must be () or (M, 1)");
+  at::Tensor out = at::empty({M, K}, x.options().dtype(dtype));
+  if (M == 0 || K == 0) return out;
+  auto* o = static_cast<uint8_t*>(out.data_ptr());
+  const float* sp = sc.data_ptr<float>();
+  const bool rows = sc.numel() > 1;
+  const float lim = static_cast<float>(limit);
+  const bool e4m3 = dtype == at::kFloat8_e4m3fn;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    if (e4m3) quantize_rows<T, true>(xp, sp, rows, lim, o, M, K);
+    else quantize_rows<T, false>(xp, sp, rows, lim, o, M, K);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "ds_quant::quantize_fp8: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return out;
 }
 
 at::Tensor fp8_gemm_dp(const at::Tensor& x_fp8, const at::Tensor& w_fp8, const at::Tensor& x_scale,
@@ -558,6 +633,7 @@ TORCH_LIBRARY(ds_quant, m) {
   m.def("fp8_gemm_blocked(Tensor x_fp8, Tensor w_fp8, Tensor x_scale, Tensor w_scale, ScalarType out_dtype, "
         "ScalarType gemm_dtype, int block_n) -> Tensor");
   m.def("fp8_gemm_dp(Tensor x_fp8, Tensor w_fp8, Tensor x_scale, Tensor w_scale, ScalarType out_dtype) -> Tensor");
+  m.def("quantize_fp8(Tensor x_hp, Tensor scale, float limit, ScalarType dtype) -> Tensor");
   m.def("cpu_kernel_isa() -> str", [] { return isa(); });
 }
 
@@ -565,4 +641,5 @@ TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
   m.impl("fp8_gemm_gemv", &fp8_gemm_gemv);
   m.impl("fp8_gemm_blocked", &fp8_gemm_blocked);
   m.impl("fp8_gemm_dp", &fp8_gemm_dp);
+  m.impl("quantize_fp8", &quantize_fp8);
 }
