@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import QuantConfig
-from .tp import kind_of, unhandled_tp_reason
+from .tp import spec_of, unhandled_tp_reason
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -25,7 +25,7 @@ def make_filter(config: QuantConfig) -> Filter:
     """Supported linears, in the allowlist (empty = all), not in the blocklist."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if kind_of(module) is None:
+        if spec_of(module) is None:
             return False
         type_name = type(module).__name__
         if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
@@ -55,9 +55,15 @@ def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
     return model, report
 
 
-def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """DeepSpeed TP layers (and nn.Linear subclasses) that stay in high precision, with the reason."""
-    return [(fqn, r) for fqn, m in model.named_modules() if (r := unhandled_tp_reason(m)) is not None]
+def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """DeepSpeed TP layers (and nn.Linear subclasses) that stay in high precision: (name, class, reason)."""
+    return [(fqn, type(m).__name__, r) for fqn, m in model.named_modules() if (r := unhandled_tp_reason(m))]
+
+
+def format_skipped(skipped: list[tuple[str, str, str]]) -> str:
+    """One line counting what stays in high precision, per class: '3 layer(s): 2 Foo, 1 Bar'."""
+    counts = Counter(cls for _, cls, _ in skipped)
+    return f"{len(skipped)} layer(s): " + ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
 
 
 def format_report(report: list[Swapped]) -> str:

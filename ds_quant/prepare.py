@@ -13,7 +13,7 @@ from . import measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .log import current_rank, get_logger, rank0_progress, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
-from .patch import find, format_report, make_filter, skipped_tp_layers, swap
+from .patch import find, format_report, format_skipped, make_filter, skipped_tp_layers, swap
 from .scales import RECIPES
 from .tp import TPLayout
 
@@ -111,7 +111,8 @@ def tp_position(items) -> tuple[int, int, object]:
 
 def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     log = get_logger()
-    for fqn, reason in skipped_tp_layers(model):
+    skipped = skipped_tp_layers(model)
+    for fqn, _, reason in skipped:
         log.info(f"left in high precision: {fqn}: {reason}")
     fallbacks = {}
     for m in model.modules():
@@ -121,7 +122,8 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
         log.info(f"{len(names)} layer(s) use dequantize-then-matmul instead of torch._scaled_mm ({reason}): "
                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
     if current_rank() == 0:
-        log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
+        log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})"
+                 + (f"; left in high precision: {format_skipped(skipped)}" if skipped else ""))
         if verbose():
             print(format_report(report), flush=True)
 

@@ -159,6 +159,7 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
 
     from .log import current_rank, get_logger
     from .modules import Fp8Linear, MeasuredLinear
+    from .patch import format_skipped, skipped_tp_layers
     from .prepare import finish_measurements
 
     log, merged = get_logger(), []
@@ -175,6 +176,9 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
         counts = {t.__name__: sum(isinstance(m, t) for model in models for m in model.modules())
                   for t in (MeasuredLinear, Fp8Linear)}
         done = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no layers patched"
+        skipped = [s for model in models for s in skipped_tp_layers(model)]
+        if skipped:  # never silent: the per-layer reasons are in the log above
+            done += f"; left in high precision: {format_skipped(skipped)}"
         log.info(f"summary: {os.path.basename(script)} finished; {config.mode.value} ({config.source}): "
                  f"{len(models)} init_inference call(s), {done}"
                  + (f"; merged measurements in {', '.join(m for m in merged if m)}" if any(merged) else ""))
