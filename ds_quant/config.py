@@ -107,7 +107,7 @@ _HQT_ONLY_VALUES = {
 SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
 HQT_OTHER_TYPES = ("Matmul", "Conv2d", "KVCache", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
-                   "FalconLinear", "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
+                   "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
                    "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
                    "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",
                    "DynamicMoeRuntimeDequantFusedMoE", "EmbeddingBag", "Embedding") + tuple(UNSUPPORTED_TYPE_REASONS)

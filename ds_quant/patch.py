@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import QuantConfig
-from .tp import spec_of, unhandled_tp_reason
+from .tp import PLAIN, spec_of, unhandled_tp_reason
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -25,12 +25,14 @@ def make_filter(config: QuantConfig) -> Filter:
     """Supported linears, in the allowlist (empty = all), not in the blocklist."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if spec_of(module) is None:
+        spec = spec_of(module)
+        if spec is None:
             return False
-        type_name = type(module).__name__
-        if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
+        # A checked nn.Linear subclass (FalconLinear) is also a "Linear" to the type lists.
+        names = {type(module).__name__} | ({"Linear"} if spec is PLAIN else set())
+        if not config.allowlist.is_empty() and not any(config.allowlist.matches(t, fqn) for t in names):
             return False
-        return not config.blocklist.matches(type_name, fqn)
+        return not any(config.blocklist.matches(t, fqn) for t in names)
 
     return keep
 

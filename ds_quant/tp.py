@@ -81,32 +81,31 @@ PLAIN = TPSpec(Kind.PLAIN, None, Input.WHOLE)
 _COLUMN = TPSpec(Kind.COLUMN, 0, Input.WHOLE, gather=True)
 _ROW = TPSpec(Kind.ROW, 1, Input.SHARDED, allreduce=True)
 _SLICED_ROW = TPSpec(Kind.LMHEAD, 1, Input.SLICED, allreduce=True)
-_LATER = "not handled yet"
 _NOT_A_GEMM = "an embedding lookup, not a GEMM: stays in high precision on purpose"
 
 # DeepSpeed 0.19.8, deepspeed/module_inject/layers.py. Row order: column kinds, row kinds, the rest.
 DS_SPECS: MappingProxyType[str, TPSpec] = MappingProxyType({
     "LinearLayer": _COLUMN,
     # Forces gather_output=False: the logits stay rank-local, as DeepSpeed leaves them.
-    "VocabParallelLinear": replace(_COLUMN, unsupported=_LATER),
+    "VocabParallelLinear": _COLUMN,
     # Fused qkv (Falcon, GPT-NeoX, Bloom, Phi-3, MPT, ...) and packed gate_up (Phi-3, GLM): LinearLayer.forward
     # on rows cut per sub-parameter (or interleaved per head); the GEMM and the bias shard are the same.
-    "SubParamColumnParallel": replace(_COLUMN, sub_params=True, unsupported=_LATER),  # the base of the next two
-    "fused_LinearLayer": replace(_COLUMN, sub_params=True, unsupported=_LATER),
-    "GateUpPack_LinearLayer": replace(_COLUMN, sub_params=True, unsupported=_LATER),
+    "SubParamColumnParallel": replace(_COLUMN, sub_params=True),  # the base of the next two
+    "fused_LinearLayer": replace(_COLUMN, sub_params=True),
+    "GateUpPack_LinearLayer": replace(_COLUMN, sub_params=True),
     # AutoTP's partition_config path; its own forward has no gather.
-    "SubParamLinearLayer": replace(_COLUMN, gather=False, sub_params=True, unsupported=_LATER),
+    "SubParamLinearLayer": replace(_COLUMN, gather=False, sub_params=True),
     # Yuan's v_proj: rows are non-contiguous head groups, forward is LinearLayer's.
-    "Yuan_LinearLayer": replace(_COLUMN, sub_params=True, unsupported=_LATER),
+    "Yuan_LinearLayer": replace(_COLUMN, sub_params=True),
     "conv_LinearLayer": replace(_COLUMN, weight_transposed=True, unsupported=(
         "DeepSpeed 0.19.8 cuts Conv1D's (in, out) weight on its out dim with sizes computed from in, then runs "
         "x @ W.T on it (AutoTP's heuristic path even discards the layer): there is no consistent GEMM to keep")),
     "LinearAllreduce": _ROW,
     # GPT-2's Conv1D c_proj: DeepSpeed transposes the weight to (out, in) before cutting its in dim.
-    "Conv_LinearALlreduce": replace(_ROW, weight_transposed=True, unsupported=_LATER),
+    "Conv_LinearALlreduce": replace(_ROW, weight_transposed=True),
     "LmHeadLinearAllreduce": _SLICED_ROW,
     # Row-parallel head after a replicated layer (training path): cuts its own slice, like the lm-head.
-    "LinearAllreduceWithReplicatedInput": replace(_SLICED_ROW, unsupported=_LATER),
+    "LinearAllreduceWithReplicatedInput": _SLICED_ROW,
     "SubParamLinearAllreduce": replace(_ROW, input=Input.SCATTERED, sub_params=True, unsupported=(
         "its input channels are scattered over sub-parameters; merging them into model-level measurements is "
         "not implemented")),
@@ -119,7 +118,7 @@ DS_SPECS: MappingProxyType[str, TPSpec] = MappingProxyType({
 
 # Class names a config's `types` may name (HQT's convention): nn.Linear, its checked subclasses, and every
 # supported DeepSpeed class.
-LINEAR_TYPE_NAMES = ("Linear",)
+LINEAR_TYPE_NAMES = ("Linear", "FalconLinear")
 SUPPORTED_TYPE_NAMES = LINEAR_TYPE_NAMES + tuple(n for n, s in DS_SPECS.items() if s.supported)
 # DeepSpeed classes ds_quant knows and leaves in high precision, with the reason.
 UNSUPPORTED_TYPE_REASONS = MappingProxyType({n: s.unsupported for n, s in DS_SPECS.items() if not s.supported})
@@ -172,8 +171,45 @@ def _resolve(module) -> tuple[TPSpec | None, str | None]:
         return None, (f"DeepSpeed TP class {cls.__name__} is not in ds_quant's table (written for DeepSpeed "
                       "0.19.8); left in high precision")
     if isinstance(module, nn.Linear):
-        return None, f"subclass {cls.__name__} of nn.Linear is not matched (exact types only); left in high precision"
+        mismatch = linear_forward_mismatch(module)
+        if mismatch:
+            return None, f"subclass {cls.__name__} of nn.Linear: {mismatch}; left in high precision"
+        return PLAIN, None
     return None, None
+
+
+def linear_forward_mismatch(module) -> str | None:
+    """Why an nn.Linear subclass's forward is not x @ W.T + b, or None if it is.
+
+    Checked by behaviour, not by name: an inherited nn.Linear.forward is accepted as is; an overridden one (e.g.
+    transformers' FalconLinear, `input @ W.T + bias`) is run once on a small seeded input and compared with
+    float32 x @ W.T + b. Tolerance: 2^-6 of |x| @ |W|.T + |b| per element, ~4 bf16 roundings; a forward that
+    scales, adds, drops the bias or returns something else misses it by far more."""
+    import torch
+    from torch import nn
+
+    if type(module).forward is nn.Linear.forward:
+        return None
+    w, b = module.weight, module.bias
+    if w.device.type == "meta":
+        return f"{type(module).__name__}.forward overrides nn.Linear.forward and its weights are on meta (cannot check it)"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a plain linear"
+        return f"its forward failed on a (2, {w.shape[1]}) input ({type(e).__name__}: {e})"
+    if not isinstance(y, torch.Tensor) or y.shape != (2, w.shape[0]):
+        return f"its forward returns {type(y).__name__}{'' if not isinstance(y, torch.Tensor) else tuple(y.shape)}, " \
+               f"not a (2, {w.shape[0]}) tensor"
+    with torch.no_grad():
+        ref = x.float() @ w.float().t() + (0 if b is None else b.float())
+        bound = x.float().abs() @ w.float().abs().t() + (0 if b is None else b.float().abs())
+        err = (y.float() - ref).abs()
+    if not bool((err <= bound * 2 ** -6 + 1e-6).all()):
+        return f"its forward is not x @ W.T + b (max deviation {float(err.max()):.3g})"
+    return None
 
 
 def _layout_problem(module, spec: TPSpec) -> str | None:

@@ -41,7 +41,14 @@ class Tiny(nn.Module):
 
 
 class MyLinear(nn.Linear):
-    pass
+    """Inherits nn.Linear.forward: a plain linear, patched."""
+
+
+class GatedLinear(nn.Linear):
+    """Overrides forward with other math: never matched by accident."""
+
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x))
 
 
 def tiny():
@@ -101,10 +108,10 @@ def test_allowlist_blocklist_by_type_and_regex(tmp_path):
     assert "MeasuredLinear" not in linear_types(model).values()  # plain model: no DeepSpeed layers to allow
 
 
-def test_subclasses_are_not_matched_by_accident(tmp_path):
-    model = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8))
+def test_subclasses_are_matched_by_behaviour_not_by_accident(tmp_path):
+    model = nn.Sequential(GatedLinear(8, 8), MyLinear(8, 8), nn.Linear(8, 8))
     ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
-    assert [type(m).__name__ for m in model] == ["MyLinear", "MeasuredLinear"]
+    assert [type(m).__name__ for m in model] == ["GatedLinear", "MeasuredLinear", "MeasuredLinear"]
 
 
 def test_model_that_is_a_linear(tmp_path):
