@@ -104,13 +104,15 @@ def sqnr(ref, test) -> float:
     return math.inf if err == 0 else 10 * math.log10(ref.pow(2).sum().item() / err)
 
 
-def fp8_share(model) -> float:
-    """FP8 share of GEMM weight elements on this rank: every floating tensor of >= 2 dims (parameter or buffer,
-    not a scale) of a module that is not an embedding or a norm."""
+def gemm_weights(model) -> tuple[float, dict[str, int]]:
+    """(FP8 share of GEMM weight elements on this rank, {class: share} of what is not FP8). Counted: every
+    floating tensor of >= 2 dims (parameter or buffer, not a scale) of a module that is not an embedding or a
+    norm, whatever ds_quant thinks of it."""
     import torch
 
     fp8_types = {torch.float8_e4m3fn, torch.float8_e5m2}
     tot = fp8 = 0
+    high = Counter()
     for m in model.modules():
         cls = type(m).__name__
         if "Embedding" in cls or "Norm" in cls:
@@ -119,8 +121,11 @@ def fp8_share(model) -> float:
             if w is None or w.dim() < 2 or "scale" in pname or not (w.dtype.is_floating_point or w.dtype in fp8_types):
                 continue
             tot += w.numel()
-            fp8 += w.numel() if w.dtype in fp8_types else 0
-    return fp8 / max(tot, 1)
+            if w.dtype in fp8_types:
+                fp8 += w.numel()
+            else:
+                high[cls] += w.numel()
+    return fp8 / max(tot, 1), {c: n / tot for c, n in high.most_common()}
 
 
 def ds_classes(model) -> dict[str, int]:
@@ -158,7 +163,7 @@ def run_arch(arch: str, work: Path, rank: int, world: int) -> dict:
         ds_quant.finish_measurements(m1)
         q1 = ds_quant.prep_model(build(arch), cfg("QUANTIZE", work / arch / "tp1"))
         res["sqnr_tp1"] = sqnr(ref1, logits(q1, ids))
-        res["share_tp1"] = fp8_share(q1)
+        res["share_tp1"], res["bf16_tp1"] = gemm_weights(q1)
     try:
         model = tp2_model(arch, world)
         ref = logits(model, ids)
@@ -176,8 +181,9 @@ def run_arch(arch: str, work: Path, rank: int, world: int) -> dict:
     res["sqnr_tp2"] = sqnr(ref, logits(quant, ids))
     res["fp8_layers"] = sum(isinstance(m, Fp8Linear) for m in quant.modules())
     res["high_precision"] = [f"{name}: {cls}" for name, cls, _ in skipped_tp_layers(quant)]
+    share, res["bf16_share"] = gemm_weights(quant)  # rank 0's; the same classes on every rank
     shares = [None] * world
-    dist.all_gather_object(shares, fp8_share(quant))
+    dist.all_gather_object(shares, share)
     res["share_tp2"] = shares
     return res
 
@@ -206,15 +212,17 @@ def table(results: list[dict]) -> str:
     def f(x):
         return "–" if x is None else ("inf" if x == math.inf else f"{x:.1f}")
 
-    rows = ["| arch | DeepSpeed bf16 TP=2 | DeepSpeed classes created | FP8 share per rank | logits SQNR TP=2 / "
-            "TP=1 (dB) | stays bf16 |", "|---|---|---|---|---|---|"]
+    rows = ["| arch | DeepSpeed bf16 TP=2 | DeepSpeed classes created | FP8 share per rank (TP=1) | logits SQNR "
+            "TP=2 / TP=1 (dB) | stays bf16 (share of GEMM weights) |", "|---|---|---|---|---|---|"]
     for r in results:
         ok = r["bf16_tp2"] == "ok"
         classes = ", ".join(f"{c} ×{n}" for c, n in sorted(r.get("ds_classes", {}).items())) or "–"
         share = "/".join(f"{s:.2f}" for s in r["share_tp2"]) if ok else "–"
-        hp = sorted({h.split(": ")[1] for h in r.get("high_precision", [])})
+        share += f" ({r['share_tp1']:.2f})" if "share_tp1" in r else ""
+        high = r.get("bf16_share") if ok else r.get("bf16_tp1")
+        hp = ", ".join(f"{c} {x:.2f}" for c, x in high.items()) if high else "–"
         rows.append(f"| {r['arch']} | {'ok' if ok else r['bf16_tp2']} | {classes} | {share} | "
-                    f"{f(r.get('sqnr_tp2'))} / {f(r.get('sqnr_tp1'))} | {', '.join(hp) or '–'} |")
+                    f"{f(r.get('sqnr_tp2'))} / {f(r.get('sqnr_tp1'))} | {hp}{'' if ok else ' (TP=1)'} |")
     return "\n".join(rows)
 
 

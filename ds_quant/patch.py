@@ -58,8 +58,22 @@ def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
 
 
 def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str, str]]:
-    """DeepSpeed TP layers (and nn.Linear subclasses) that stay in high precision: (name, class, reason)."""
-    return [(fqn, type(m).__name__, r) for fqn, m in model.named_modules() if (r := unhandled_tp_reason(m))]
+    """DeepSpeed TP layers, nn.Linear subclasses and holders of >= 3-D weights (fused MoE experts) that stay in
+    high precision: (name, class, reason)."""
+    return [(fqn, type(m).__name__, r) for fqn, m in model.named_modules()
+            if (r := unhandled_tp_reason(m) or unhandled_weights_reason(m))]
+
+
+def unhandled_weights_reason(module: nn.Module) -> str | None:
+    """transformers 5 holds MoE experts as fused 3-D parameters (MixtralExperts, Qwen3MoeExperts) in a module
+    that is no linear: without this they would stay bf16 unnamed. Convolutions are named the same way."""
+    big = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)
+           if p.dim() >= 3 and p.dtype.is_floating_point]
+    if not big:
+        return None
+    what = "a convolution" if isinstance(module, nn.modules.conv._ConvNd) else "fused experts (MoE)"
+    shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in big)
+    return f"holds {len(big[0][1])}-D weights ({shapes}): {what}, not quantized by ds_quant yet; left in high precision"
 
 
 def format_skipped(skipped: list[tuple[str, str, str]]) -> str:

@@ -114,6 +114,27 @@ def test_subclasses_are_matched_by_behaviour_not_by_accident(tmp_path):
     assert [type(m).__name__ for m in model] == ["GatedLinear", "MeasuredLinear", "MeasuredLinear"]
 
 
+class FusedExperts(nn.Module):
+    """transformers 5's MoE layout: experts as one 3-D parameter, in a module that is no linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))
+
+
+def test_fused_experts_are_named_and_counted_not_skipped_silently(tmp_path):
+    from ds_quant.patch import format_skipped, skipped_tp_layers
+
+    model = nn.ModuleDict({"experts": FusedExperts(), "conv": nn.Conv1d(2, 2, 3), "lin": nn.Linear(8, 8)})
+    ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
+    assert type(model["lin"]) is MeasuredLinear
+    skipped = skipped_tp_layers(model)
+    assert [(n, c) for n, c, _ in skipped] == [("experts", "FusedExperts"), ("conv", "Conv1d")]
+    assert skipped[0][2].startswith("holds 3-D weights (gate_up_proj 4x16x8): fused experts (MoE), not quantized")
+    assert "a convolution" in skipped[1][2]
+    assert format_skipped(skipped) == "2 layer(s): 1 Conv1d, 1 FusedExperts"
+
+
 def test_model_that_is_a_linear(tmp_path):
     model = ds_quant.prep_model(nn.Linear(8, 4), cfg(tmp_path, mode="MEASURE"))
     assert isinstance(model, MeasuredLinear)
