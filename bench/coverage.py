@@ -15,9 +15,11 @@ own bf16 TP=2 forward runs at all. Run under the launcher this file is the worke
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,6 +210,12 @@ def launch_command(archs: list[str], out_json: str, work: str, port: int, ranks:
             "--worker", "--archs", ",".join(archs), "--json", out_json, "--work", work]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def table(results: list[dict]) -> str:
     def f(x):
         return "–" if x is None else ("inf" if x == math.inf else f"{x:.1f}")
@@ -233,16 +241,23 @@ def main() -> None:
     p.add_argument("--work", default=None, help="(worker) scratch directory for measurement files")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=29641)
+    p.add_argument("--port", type=int, default=0, help="master port (default: a free one)")
     args = p.parse_args()
     unknown = [a for a in args.archs.split(",") if a not in ARCHS]
     if unknown:
         p.error(f"unknown architecture(s) {unknown}; known: {', '.join(ARCHS)}")
     if args.worker:
         return worker(args)
-    with tempfile.TemporaryDirectory() as work:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        subprocess.run(launch_command(args.archs.split(","), args.json, work, args.port), check=True, env=env)
+    port = args.port or free_port()
+    shm = "/dev/shm/deepspeed_allreduce_buffer_*"
+    before = set(glob.glob(shm))
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            subprocess.run(launch_command(args.archs.split(","), args.json, work, port), check=True, env=env)
+    finally:
+        for path in set(glob.glob(shm)) - before:  # DeepSpeed 0.19's CPU shm allreduce never unlinks its buffers
+            os.unlink(path)
     print(table(json.loads(Path(args.json).read_text())))
 
 

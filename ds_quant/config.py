@@ -104,7 +104,9 @@ _HQT_ONLY_VALUES = {
 }
 
 # Module types ds_quant patches (class names, as HQT's `types` lists name them): from tp.py's table.
-SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES
+# Fused MoE experts are matched by layout (experts.py); these are the names the type lists may use for them.
+EXPERTS_TYPES = ("MixtralExperts", "Qwen3MoeExperts")
+SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
 HQT_OTHER_TYPES = ("Matmul", "Conv2d", "KVCache", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
                    "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import QuantConfig
+from .experts import _TwinExperts, experts_unsupported_reason, is_fused_experts
 from .tp import PLAIN, spec_of, unhandled_tp_reason
 
 Filter = Callable[[nn.Module, str], bool]
@@ -33,6 +34,20 @@ def make_filter(config: QuantConfig) -> Filter:
         if not config.allowlist.is_empty() and not any(config.allowlist.matches(t, fqn) for t in names):
             return False
         return not any(config.blocklist.matches(t, fqn) for t in names)
+
+    return keep
+
+
+def make_experts_filter(config: QuantConfig) -> Filter:
+    """Fused MoE experts (experts.py), by the same allow/block lists (their class name, e.g. MixtralExperts)."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not is_fused_experts(module):
+            return False
+        type_name = type(module).__name__
+        if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
+            return False
+        return not config.blocklist.matches(type_name, fqn)
 
     return keep
 
@@ -67,13 +82,20 @@ def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str, str]]:
 def unhandled_weights_reason(module: nn.Module) -> str | None:
     """transformers 5 holds MoE experts as fused 3-D parameters (MixtralExperts, Qwen3MoeExperts) in a module
     that is no linear: without this they would stay bf16 unnamed. Convolutions are named the same way."""
+    if isinstance(module, _TwinExperts):
+        return None
     big = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)
            if p.dim() >= 3 and p.dtype.is_floating_point]
     if not big:
         return None
-    what = "a convolution" if isinstance(module, nn.modules.conv._ConvNd) else "fused experts (MoE)"
     shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in big)
-    return f"holds {len(big[0][1])}-D weights ({shapes}): {what}, not quantized by ds_quant yet; left in high precision"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        what = "a convolution, not quantized by ds_quant"
+    elif experts_unsupported_reason(module) is None:
+        return None  # fused experts ds_quant patches (unless the config blocks them)
+    else:
+        what = experts_unsupported_reason(module)
+    return f"holds {len(big[0][1])}-D weights ({shapes}): {what}; left in high precision"
 
 
 def format_skipped(skipped: list[tuple[str, str, str]]) -> str:

@@ -115,14 +115,14 @@ def test_subclasses_are_matched_by_behaviour_not_by_accident(tmp_path):
 
 
 class FusedExperts(nn.Module):
-    """transformers 5's MoE layout: experts as one 3-D parameter, in a module that is no linear."""
+    """3-D weights in a module that is no linear, without the fused-experts pair ds_quant patches."""
 
     def __init__(self):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))
 
 
-def test_fused_experts_are_named_and_counted_not_skipped_silently(tmp_path):
+def test_unhandled_3d_weights_are_named_and_counted_not_skipped_silently(tmp_path):
     from ds_quant.patch import format_skipped, skipped_tp_layers
 
     model = nn.ModuleDict({"experts": FusedExperts(), "conv": nn.Conv1d(2, 2, 3), "lin": nn.Linear(8, 8)})
@@ -130,7 +130,8 @@ def test_fused_experts_are_named_and_counted_not_skipped_silently(tmp_path):
     assert type(model["lin"]) is MeasuredLinear
     skipped = skipped_tp_layers(model)
     assert [(n, c) for n, c, _ in skipped] == [("experts", "FusedExperts"), ("conv", "Conv1d")]
-    assert skipped[0][2].startswith("holds 3-D weights (gate_up_proj 4x16x8): fused experts (MoE), not quantized")
+    assert skipped[0][2].startswith("holds 3-D weights (gate_up_proj 4x16x8): no 3-D gate_up_proj and down_proj "
+                                    "pair")
     assert "a convolution" in skipped[1][2]
     assert format_skipped(skipped) == "2 layer(s): 1 Conv1d, 1 FusedExperts"
 
