@@ -53,7 +53,27 @@ def make_experts_filter(config: QuantConfig) -> Filter:
 
 
 def find(model: nn.Module, filter_fn: Filter) -> list[tuple[str, nn.Module]]:
-    return [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    """The modules `filter_fn` keeps, except MoE routers (see `routers`)."""
+    keep_hp = routers(model)
+    return [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn) and fqn not in keep_hp]
+
+
+ROUTER_REASON = "MoE router: kept in high precision on purpose (an FP8 router would change which experts run)"
+
+
+def routers(model: nn.Module) -> set[str]:
+    """Names of MoE routers: an nn.Linear beside an `experts` child with one output per expert (transformers
+    4.x: `block_sparse_moe.gate` beside an `experts` ModuleList; transformers 5's routers are no nn.Linear)."""
+    found = set()
+    for fqn, m in model.named_modules():
+        experts = m._modules.get("experts")
+        if experts is None:
+            continue
+        n = len(experts) if isinstance(experts, nn.ModuleList) else getattr(experts, "num_experts", None)
+        for name, child in m.named_children():
+            if isinstance(child, nn.Linear) and name != "experts" and child.out_features == n:
+                found.add(f"{fqn}.{name}" if fqn else name)
+    return found
 
 
 def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
@@ -73,10 +93,12 @@ def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
 
 
 def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str, str]]:
-    """DeepSpeed TP layers, nn.Linear subclasses and holders of >= 3-D weights (fused MoE experts) that stay in
-    high precision: (name, class, reason)."""
+    """DeepSpeed TP layers, nn.Linear subclasses, holders of >= 3-D weights and MoE routers that stay in high
+    precision: (name, class, reason)."""
+    keep_hp = routers(model)
     return [(fqn, type(m).__name__, r) for fqn, m in model.named_modules()
-            if (r := unhandled_tp_reason(m) or unhandled_weights_reason(m))]
+            if (r := (ROUTER_REASON if fqn in keep_hp else None) or unhandled_tp_reason(m)
+                or unhandled_weights_reason(m))]
 
 
 def unhandled_weights_reason(module: nn.Module) -> str | None:

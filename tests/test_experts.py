@@ -109,3 +109,21 @@ def test_experts_can_be_blocked_by_type(tmp_path):
            "blocklist": {"types": ["MixtralExperts"], "names": []}}
     block = ds_quant.prep_model(Block(), cfg)
     assert type(block.experts) is mixtral.MixtralExperts
+
+
+def test_transformers4_experts_are_linears_and_the_router_stays_high_precision(tmp_path):
+    """transformers 4.x: experts are nn.Linear (quantized per expert as linears); the router `gate` (one output
+    per expert) is not quantized, named in the log instead."""
+    from ds_quant.patch import skipped_tp_layers
+
+    class MoeBlock(torch.nn.Module):  # the 4.x MixtralSparseMoeBlock layout
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, E, bias=False)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(H, FF) for _ in range(E))
+
+    model = torch.nn.ModuleDict({"moe": MoeBlock(), "lm_head": torch.nn.Linear(H, 8)})
+    ds_quant.prep_model(model, {"method": "HOOKS", "mode": "MEASURE", "dump_stats_path": str(tmp_path / "s")})
+    assert [type(e).__name__ for e in model["moe"].experts] == ["MeasuredLinear"] * E
+    assert type(model["moe"].gate) is torch.nn.Linear and type(model["lm_head"]).__name__ == "MeasuredLinear"
+    assert [(n, c) for n, c, r in skipped_tp_layers(model) if r.startswith("MoE router")] == [("moe.gate", "Linear")]
