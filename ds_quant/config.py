@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .tp import SUPPORTED_TYPE_NAMES, UNSUPPORTED_TYPE_REASONS
+
 ENV_VAR = "QUANT_CONFIG"
 CLI_FLAG = "--quant-config"
 
@@ -101,14 +103,16 @@ _HQT_ONLY_VALUES = {
                                "weaksmoothquant_weights_output_channel_maxabs_pow2", "smoothquant_opt")},
 }
 
-# Module types ds_quant patches (class names, as HQT's `types` lists name them).
-SUPPORTED_TYPES = ("Linear", "LinearLayer", "LinearAllreduce", "LmHeadLinearAllreduce")
+# Module types ds_quant patches (class names, as HQT's `types` lists name them): from tp.py's table.
+# Fused MoE experts are matched by layout (experts.py); these are the names the type lists may use for them.
+EXPERTS_TYPES = ("MixtralExperts", "Qwen3MoeExperts")
+SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
 HQT_OTHER_TYPES = ("Matmul", "Conv2d", "KVCache", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
-                   "FalconLinear", "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
+                   "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
                    "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
                    "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",
-                   "DynamicMoeRuntimeDequantFusedMoE", "EmbeddingBag", "Embedding")
+                   "DynamicMoeRuntimeDequantFusedMoE", "EmbeddingBag", "Embedding") + tuple(UNSUPPORTED_TYPE_REASONS)
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,9 @@ class QuantConfig:
                 f"{src}: key 'measure_exclude': {self.measure_exclude.value!r} with mode MEASURE records no inputs, "
                 "so QUANTIZE could not compute input scales; use OUTPUT (default), NONE or PARAMS")
         for t in self.allowlist.types:
+            if t in UNSUPPORTED_TYPE_REASONS:
+                raise ConfigError(f"{src}: key 'allowlist.types': {t!r} is not a module type ds_quant can quantize: "
+                                  f"{UNSUPPORTED_TYPE_REASONS[t]}")
             if t not in SUPPORTED_TYPES:
                 raise ConfigError(f"{src}: key 'allowlist.types': {t!r} is not a module type ds_quant can quantize; "
                                   f"accepted: {', '.join(SUPPORTED_TYPES)}{_closest(t, SUPPORTED_TYPES)}")

@@ -29,7 +29,7 @@ import numpy as np
 
 FORMAT = "ds_quant.measurements"
 VERSION = 1
-KINDS = ("column", "row", "lm-head", "plain")
+KINDS = ("column", "row", "lm-head", "plain")  # = tp.Kind's values (tests/test_ds_layers.py checks)
 # Above this many channel values in one file, vectors go to the companion binary: a 70B-like merged file
 # is 124 MB as JSON and 25 MB as float32 (bench/merge_bench.py), and loads in ~2.1 s vs ~0.23 s.
 INLINE_MAX_VALUES = 1 << 16
@@ -292,13 +292,21 @@ def _max_or_none(values: list) -> float | None:
     return None if any(v is None for v in values) else max(values)
 
 
+def _split_input_kinds() -> frozenset[str]:
+    # Which kinds saw only a slice of the input comes from tp.py's table. Imported here, not at the top, so this
+    # file loads on its own (no torch, no package), as the kill-mid-write test loads it.
+    from .tp import SPLIT_INPUT_KINDS
+
+    return SPLIT_INPUT_KINDS
+
+
 def _merge_layer(name: str, recs: list[dict]) -> dict:
     first = recs[0]
     kind = first["kind"]
     vectors = [r.get("input_channel_amax") for r in recs]
     if any(v is None for v in vectors):
         channels = None
-    elif kind in ("row", "lm-head"):
+    elif kind in _split_input_kinds():
         # Each rank saw its own slice of the input; place the slices by DeepSpeed's partition sizes.
         sizes = first["partition_sizes"]
         if [len(v) for v in vectors] != list(sizes):

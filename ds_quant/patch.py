@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import QuantConfig
-from .tp import kind_of, unhandled_tp_reason
+from .experts import _TwinExperts, experts_unsupported_reason, is_fused_experts
+from .tp import PLAIN, spec_of, unhandled_tp_reason
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -25,7 +26,23 @@ def make_filter(config: QuantConfig) -> Filter:
     """Supported linears, in the allowlist (empty = all), not in the blocklist."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if kind_of(module) is None:
+        spec = spec_of(module)
+        if spec is None:
+            return False
+        # A checked nn.Linear subclass (FalconLinear) is also a "Linear" to the type lists.
+        names = {type(module).__name__} | ({"Linear"} if spec is PLAIN else set())
+        if not config.allowlist.is_empty() and not any(config.allowlist.matches(t, fqn) for t in names):
+            return False
+        return not any(config.blocklist.matches(t, fqn) for t in names)
+
+    return keep
+
+
+def make_experts_filter(config: QuantConfig) -> Filter:
+    """Fused MoE experts (experts.py), by the same allow/block lists (their class name, e.g. MixtralExperts)."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not is_fused_experts(module):
             return False
         type_name = type(module).__name__
         if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
@@ -36,7 +53,27 @@ def make_filter(config: QuantConfig) -> Filter:
 
 
 def find(model: nn.Module, filter_fn: Filter) -> list[tuple[str, nn.Module]]:
-    return [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    """The modules `filter_fn` keeps, except MoE routers (see `routers`)."""
+    keep_hp = routers(model)
+    return [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn) and fqn not in keep_hp]
+
+
+ROUTER_REASON = "MoE router: kept in high precision on purpose (an FP8 router would change which experts run)"
+
+
+def routers(model: nn.Module) -> set[str]:
+    """Names of MoE routers: an nn.Linear beside an `experts` child with one output per expert (transformers
+    4.x: `block_sparse_moe.gate` beside an `experts` ModuleList; transformers 5's routers are no nn.Linear)."""
+    found = set()
+    for fqn, m in model.named_modules():
+        experts = m._modules.get("experts")
+        if experts is None:
+            continue
+        n = len(experts) if isinstance(experts, nn.ModuleList) else getattr(experts, "num_experts", None)
+        for name, child in m.named_children():
+            if isinstance(child, nn.Linear) and name != "experts" and child.out_features == n:
+                found.add(f"{fqn}.{name}" if fqn else name)
+    return found
 
 
 def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
@@ -55,9 +92,38 @@ def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
     return model, report
 
 
-def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """DeepSpeed TP layers (and nn.Linear subclasses) that stay in high precision, with the reason."""
-    return [(fqn, r) for fqn, m in model.named_modules() if (r := unhandled_tp_reason(m)) is not None]
+def skipped_tp_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """DeepSpeed TP layers, nn.Linear subclasses, holders of >= 3-D weights and MoE routers that stay in high
+    precision: (name, class, reason)."""
+    keep_hp = routers(model)
+    return [(fqn, type(m).__name__, r) for fqn, m in model.named_modules()
+            if (r := (ROUTER_REASON if fqn in keep_hp else None) or unhandled_tp_reason(m)
+                or unhandled_weights_reason(m))]
+
+
+def unhandled_weights_reason(module: nn.Module) -> str | None:
+    """transformers 5 holds MoE experts as fused 3-D parameters (MixtralExperts, Qwen3MoeExperts) in a module
+    that is no linear: without this they would stay bf16 unnamed. Convolutions are named the same way."""
+    if isinstance(module, _TwinExperts):
+        return None
+    big = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)
+           if p.dim() >= 3 and p.dtype.is_floating_point]
+    if not big:
+        return None
+    shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in big)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        what = "a convolution, not quantized by ds_quant"
+    elif experts_unsupported_reason(module) is None:
+        return None  # fused experts ds_quant patches (unless the config blocks them)
+    else:
+        what = experts_unsupported_reason(module)
+    return f"holds {len(big[0][1])}-D weights ({shapes}): {what}; left in high precision"
+
+
+def format_skipped(skipped: list[tuple[str, str, str]]) -> str:
+    """One line counting what stays in high precision, per class: '3 layer(s): 2 Foo, 1 Bar'."""
+    counts = Counter(cls for _, cls, _ in skipped)
+    return f"{len(skipped)} layer(s): " + ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
 
 
 def format_report(report: list[Swapped]) -> str:

@@ -11,9 +11,18 @@ from torch import nn
 
 from . import measurements, ops
 from .config import ConfigError, Mode, QuantConfig, resolve_config
+from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
-from .patch import find, format_report, make_filter, skipped_tp_layers, swap
+from .patch import (
+    find,
+    format_report,
+    format_skipped,
+    make_experts_filter,
+    make_filter,
+    skipped_tp_layers,
+    swap,
+)
 from .scales import RECIPES
 from .tp import TPLayout
 
@@ -33,14 +42,20 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         get_logger().warning("auto_blocklist_sqnr_db needs calibration data, which prep_model does not have: it is "
                              "ignored here; use ds_quant.report.quantize_with_report(model, config, batches) or "
                              "`ds-quant report`")
-    if any(isinstance(m, _TwinLinear) for m in model.modules()):
+    if any(isinstance(m, (_TwinLinear, _TwinExperts)) for m in model.modules()):
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
     targets = find(model, make_filter(cfg))
-    make = _measured_maker(cfg) if cfg.mode is Mode.MEASURE else fp8_maker(cfg, targets)
+    experts = find(model, make_experts_filter(cfg))
+    if cfg.mode is Mode.MEASURE:
+        make, make_experts = _measured_maker(cfg), _measured_experts_maker(cfg)
+    else:
+        make, make_experts = _fp8_makers(cfg, targets, experts)
     def progress(items):
         return rank0_progress(items, f"ds_quant {cfg.mode.value}", unit="layer", min_items=8)
 
     model, report = swap(model, targets, make, progress=progress)
+    model, experts_report = swap(model, experts, make_experts)
+    report += experts_report
     _log_outcome(model, cfg, report)
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
@@ -53,13 +68,17 @@ def finish_measurements(model: nn.Module) -> str | None:
     group: every rank must call it. Returns the merged file's path on rank 0."""
     cfg: QuantConfig | None = getattr(model, _CONFIG_ATTR, None)
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
-    if cfg is None or not measured:
+    measured_experts = [m for m in model.modules() if isinstance(m, MeasuredExperts)]
+    if cfg is None or not (measured or measured_experts):
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
     rank, world, group = tp_position(measured.values())
     if world == 1 and current_rank() != 0:
         return None  # a replicated single-rank model: one writer is enough
     layers = {n: m.stats() for n, m in measured.items()}
-    dtype = str(next(iter(measured.values())).weight.dtype).replace("torch.", "")
+    for m in measured_experts:  # one plain record per expert projection (experts are whole on every rank)
+        layers.update(m.stats())
+    dtype = str(next(iter(measured.values())).weight.dtype if measured else measured_experts[0].gate_up_proj.dtype
+                ).replace("torch.", "")
     out = measurements.save(layers, cfg.dump_stats_path, rank, world, group, cfg.observer.value, dtype)
     log = get_logger()
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
@@ -84,19 +103,38 @@ def _measured_maker(cfg: QuantConfig):
     return make
 
 
+def _measured_experts_maker(cfg: QuantConfig):
+    def make(module: nn.Module, fqn: str) -> MeasuredExperts:
+        return MeasuredExperts.from_original(module, fqn, cfg)
+
+    return make
+
+
 def fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
+    return _fp8_makers(cfg, targets, [])[0]
+
+
+def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]]):
+    """(linear maker, experts maker) for QUANTIZE."""
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
     measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
-    if not measured:
-        return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None)
+    measured_experts = [(fqn, m) for fqn, m in experts if RECIPES[cfg.method_for(fqn)].needs_measurements]
+    if not measured and not measured_experts:
+        return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None),
+                lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, None))
     rank, world, _ = tp_position(TPLayout.of(m) for _, m in measured)
     doc, where = measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
     # Validate every layer before swapping any: a failure leaves the model untouched.
     wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in measured}
+    for fqn, m in measured_experts:
+        wanted.update(expert_shapes(m, fqn))
     measurements.check_layers(doc, where, wanted)
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
-    return lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
-                                                       else None)
+    with_records = {fqn for fqn, _ in measured_experts}
+    return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
+                                                        else None),
+            lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, doc["layers"] if fqn in with_records
+                                                         else None))
 
 
 # -- helpers for the above -------------------------------------------------------------------------------
@@ -111,7 +149,8 @@ def tp_position(items) -> tuple[int, int, object]:
 
 def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     log = get_logger()
-    for fqn, reason in skipped_tp_layers(model):
+    skipped = skipped_tp_layers(model)
+    for fqn, _, reason in skipped:
         log.info(f"left in high precision: {fqn}: {reason}")
     fallbacks, backends = {}, {}
     for m in model.modules():
@@ -126,8 +165,10 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
     if current_rank() == 0:
         for plan, names in backends.items():
             log.info(f"FP8 GEMM of {len(names)} layer(s): {plan}")
-    if current_rank() == 0:
-        log.info(f"{cfg.mode.value}: patched {len(report)} linear layer(s) ({cfg.source})")
+        n_experts = sum(r.new_type.endswith("Experts") for r in report)
+        log.info(f"{cfg.mode.value}: patched {len(report) - n_experts} linear layer(s)"
+                 + (f" and {n_experts} fused-experts block(s)" if n_experts else "") + f" ({cfg.source})"
+                 + (f"; left in high precision: {format_skipped(skipped)}" if skipped else ""))
         if verbose():
             print(format_report(report), flush=True)
 
@@ -141,6 +182,8 @@ def _save_at_exit(model: nn.Module) -> None:
         if m is None or getattr(m, "_ds_quant_finished", False):
             return  # the script saved them itself
         measured = [x for x in m.modules() if isinstance(x, MeasuredLinear)]
+        if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()):
+            return
         import torch.distributed as dist
 
         if any(x.layout.tp_size > 1 for x in measured) and not (dist.is_available() and dist.is_initialized()):

@@ -157,13 +157,15 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from .experts import Fp8Experts, MeasuredExperts
     from .log import current_rank, get_logger
     from .modules import Fp8Linear, MeasuredLinear
+    from .patch import format_skipped, skipped_tp_layers
     from .prepare import finish_measurements
 
     log, merged = get_logger(), []
     for model in models:
-        if any(isinstance(m, MeasuredLinear) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
+        if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
                                                                                      False):
             if not (dist.is_available() and dist.is_initialized()):
                 log.warning("the script destroyed the process group before its measurements were saved; call "
@@ -173,8 +175,11 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
                 merged.append(finish_measurements(model))
     if current_rank() == 0:
         counts = {t.__name__: sum(isinstance(m, t) for model in models for m in model.modules())
-                  for t in (MeasuredLinear, Fp8Linear)}
+                  for t in (MeasuredLinear, Fp8Linear, MeasuredExperts, Fp8Experts)}
         done = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no layers patched"
+        skipped = [s for model in models for s in skipped_tp_layers(model)]
+        if skipped:  # never silent: the per-layer reasons are in the log above
+            done += f"; left in high precision: {format_skipped(skipped)}"
         log.info(f"summary: {os.path.basename(script)} finished; {config.mode.value} ({config.source}): "
                  f"{len(models)} init_inference call(s), {done}"
                  + (f"; merged measurements in {', '.join(m for m in merged if m)}" if any(merged) else ""))

@@ -41,7 +41,14 @@ class Tiny(nn.Module):
 
 
 class MyLinear(nn.Linear):
-    pass
+    """Inherits nn.Linear.forward: a plain linear, patched."""
+
+
+class GatedLinear(nn.Linear):
+    """Overrides forward with other math: never matched by accident."""
+
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x))
 
 
 def tiny():
@@ -101,10 +108,32 @@ def test_allowlist_blocklist_by_type_and_regex(tmp_path):
     assert "MeasuredLinear" not in linear_types(model).values()  # plain model: no DeepSpeed layers to allow
 
 
-def test_subclasses_are_not_matched_by_accident(tmp_path):
-    model = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8))
+def test_subclasses_are_matched_by_behaviour_not_by_accident(tmp_path):
+    model = nn.Sequential(GatedLinear(8, 8), MyLinear(8, 8), nn.Linear(8, 8))
     ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
-    assert [type(m).__name__ for m in model] == ["MyLinear", "MeasuredLinear"]
+    assert [type(m).__name__ for m in model] == ["GatedLinear", "MeasuredLinear", "MeasuredLinear"]
+
+
+class FusedExperts(nn.Module):
+    """3-D weights in a module that is no linear, without the fused-experts pair ds_quant patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))
+
+
+def test_unhandled_3d_weights_are_named_and_counted_not_skipped_silently(tmp_path):
+    from ds_quant.patch import format_skipped, skipped_tp_layers
+
+    model = nn.ModuleDict({"experts": FusedExperts(), "conv": nn.Conv1d(2, 2, 3), "lin": nn.Linear(8, 8)})
+    ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))
+    assert type(model["lin"]) is MeasuredLinear
+    skipped = skipped_tp_layers(model)
+    assert [(n, c) for n, c, _ in skipped] == [("experts", "FusedExperts"), ("conv", "Conv1d")]
+    assert skipped[0][2].startswith("holds 3-D weights (gate_up_proj 4x16x8): no 3-D gate_up_proj and down_proj "
+                                    "pair")
+    assert "a convolution" in skipped[1][2]
+    assert format_skipped(skipped) == "2 layer(s): 1 Conv1d, 1 FusedExperts"
 
 
 def test_model_that_is_a_linear(tmp_path):
