@@ -183,8 +183,11 @@ class Fp8Experts(_TwinExperts):
 
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.gate_up_proj_input_scale is None else "static per-expert input scales"
-        gemm = ops.describe(self.gate_up_proj.device, *self.gate_up_proj.shape[1:], rowwise=self.gate_up_proj_scale.dim() > 1)
-        return f"experts={self.num_experts}, {self.gate_up_proj.dtype}, {act}, {gemm}"
+        return f"experts={self.num_experts}, {self.gate_up_proj.dtype}, {act}, {self.gemm_plan()}"
+
+    def gemm_plan(self) -> str:
+        return ops.describe(self.gate_up_proj.device, *self.gate_up_proj.shape[1:],
+                            rowwise=self.gate_up_proj_scale.dim() > 1 or self.gate_up_proj_input_scale is None)
 
 
 def _fill_unseen(name: str, proj: str, amax: list[float], layers: dict | None) -> list[float]:

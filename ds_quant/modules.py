@@ -136,10 +136,14 @@ class Fp8Linear(_TwinLinear):
         return ops.fp8_linear(x_local, self.weight, self.weight_scale, self.input_scale, self.out_dtype, bias,
                               self.act_limit)
 
+    def gemm_plan(self) -> str:
+        """Which backend of ds_quant.ops serves this layer where its weight is now, per M."""
+        return ops.describe(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
+
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
         w = "per-channel" if self.weight_scale.dim() else f"weight_scale={float(self.weight_scale):.4g}"
-        gemm = ops.describe(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
+        gemm = self.gemm_plan()
         return (f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, {self.weight.dtype}, "
                 f"{act}, {w}, {gemm}")
 

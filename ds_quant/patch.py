@@ -20,6 +20,7 @@ class Swapped:
     name: str
     old_type: str
     new_type: str
+    gemm: str = ""  # FP8 twins: which backend of ds_quant.ops serves them, per M
 
 
 def make_filter(config: QuantConfig) -> Filter:
@@ -83,7 +84,8 @@ def swap(model: nn.Module, targets: list[tuple[str, nn.Module]],
     report = []
     for fqn, module in targets if progress is None else progress(targets):
         new = make(module, fqn)
-        report.append(Swapped(fqn, type(module).__name__, type(new).__name__))
+        gemm = new.gemm_plan() if hasattr(new, "gemm_plan") else ""
+        report.append(Swapped(fqn, type(module).__name__, type(new).__name__, gemm))
         if fqn == "":
             model = new
         else:
@@ -130,8 +132,8 @@ def format_report(report: list[Swapped]) -> str:
     if not report:
         return "Patched modules: none"
     w = max(len(r.name) for r in report)
-    lines = [f"Patched modules ({len(report)}):", f"  {'name':<{w}}  {'original type':<22} new type"]
-    lines += [f"  {r.name:<{w}}  {r.old_type:<22} {r.new_type}" for r in report]
+    lines = [f"Patched modules ({len(report)}):", f"  {'name':<{w}}  {'original type':<22} {'new type':<16} FP8 GEMM"]
+    lines += [f"  {r.name:<{w}}  {r.old_type:<22} {r.new_type:<16} {r.gemm}".rstrip() for r in report]
     counts = Counter((r.old_type, r.new_type) for r in report)
     lines += ["  count: " + ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(counts.items()))]
     return "\n".join(lines)

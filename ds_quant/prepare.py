@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import measurements, ops
+from . import measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
@@ -158,7 +158,7 @@ def _log_outcome(model: nn.Module, cfg: QuantConfig, report) -> None:
             if m.fallback_reason:
                 fallbacks.setdefault(m.fallback_reason, []).append(m.name)
             else:
-                backends.setdefault(ops.describe(m.weight.device, *m.weight.shape, rowwise=m.rowwise), []).append(m.name)
+                backends.setdefault(m.gemm_plan(), []).append(m.name)
     for reason, names in fallbacks.items():
         log.info(f"{len(names)} layer(s) run the pure-torch reference FP8 GEMM ({reason}): "
                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")

@@ -225,3 +225,20 @@ def test_measurements_saved_at_exit_without_finish(tmp_path):
 def test_import_does_not_import_deepspeed():
     code = "import sys, ds_quant; assert 'deepspeed' not in sys.modules, 'ds_quant imported deepspeed'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_patched_modules_table_names_the_fp8_gemm_backend(tmp_path, monkeypatch):
+    """QUANTIZE's report and the log say which ops backend serves each FP8 layer (here: the reference, since
+    the kernel is switched off, and why)."""
+    monkeypatch.setenv("DS_QUANT_CPU_KERNEL", "0")
+    script = textwrap.dedent("""
+        import torch, ds_quant
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        ds_quant.prep_model(model, {"method": "HOOKS", "mode": "QUANTIZE",
+                                    "scale_method": "act_dynamic_per_token_weights_pcs"})
+    """)
+    env = {"QUANT_VERBOSE": "1", "PATH": "/usr/bin:/bin", "DS_QUANT_CPU_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert "FP8 GEMM" in out.stdout.splitlines()[1]  # the column header
+    assert out.stdout.count("reference (DS_QUANT_CPU_KERNEL=0: pure-torch reference)") == 2
+    assert "2 layer(s) run the pure-torch reference FP8 GEMM (DS_QUANT_CPU_KERNEL=0" in out.stderr
