@@ -76,7 +76,8 @@ def gemm_table(shapes, reps: int, slow_backends: bool = True) -> dict:
     """{"MxNxK": {"bf16_s", "<backend>_s", "<backend>_speed_vs_bf16", "auto_backend"}} on CPU."""
     out = {}
     g = torch.Generator().manual_seed(0)
-    backends = ["auto", "gemv", "blocked"] if ops.cpu_kernel().isa else ["auto"]
+    kernel = ops.cpu_kernel()
+    backends = (["auto", "gemv"] + (["dp"] if kernel.has_dp else []) + ["blocked"]) if kernel.isa else ["auto"]
     if slow_backends:
         backends += ["reference", "scaled_mm"]
     for m, n, k in shapes:

@@ -169,18 +169,39 @@ inline uint16_t float_to_bf16_exact(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+#if defined(DSQ_AVX512)
+// FP8 -> bf16 by table: the bf16 bits of each of the 128 magnitudes, looked up 32 at a time with two 64-entry
+// vpermi2w and a blend on bit 6, then the sign bit moved up: ~9 instructions per 32 weights, in order.
+template <bool E4M3>
+struct Bf16Table {
+  __m512i q[4];
+  Bf16Table() {
+    alignas(64) uint16_t t[128];
+    for (int m = 0; m < 128; ++m) t[m] = float_to_bf16_exact(widen1(static_cast<uint8_t>(m), E4M3) * (E4M3 ? 256.f : 1.f));
+    for (int i = 0; i < 4; ++i) q[i] = _mm512_load_si512(t + 32 * i);
+  }
+};
+
+template <bool E4M3>
+inline __m512i widen32_bf16_exact(const uint8_t* p, const Bf16Table<E4M3>& tab) {
+  const __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i mag = _mm512_and_si512(h, _mm512_set1_epi16(0x7F));
+  const __m512i lo = _mm512_permutex2var_epi16(tab.q[0], mag, tab.q[1]);  // index bits 5..0
+  const __m512i hi = _mm512_permutex2var_epi16(tab.q[2], mag, tab.q[3]);
+  const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
+  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x80)), 8));
+}
+#endif
+
+// A row of n FP8 bytes -> n bf16 holding the exact values.
 template <bool E4M3>
 void widen_row_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
-  const float mul = E4M3 ? 256.f : 1.f;
   int64_t k = 0;
 #if defined(DSQ_AVX512)
-  for (; k + 16 <= n; k += 16) {  // in registers: fp8 -> fp16 bits -> fp32 -> exact bf16 (upper half)
-    __m512 v = _mm512_mul_ps(widen16<E4M3>(src + k).v, _mm512_set1_ps(mul));
-    __m512i b = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(b));
-  }
+  static const Bf16Table<E4M3> tab;
+  for (; k + 32 <= n; k += 32) _mm512_storeu_si512(dst + k, widen32_bf16_exact<E4M3>(src + k, tab));
 #endif
-  for (; k < n; ++k) dst[k] = float_to_bf16_exact(widen1(src[k], E4M3) * mul);
+  for (; k < n; ++k) dst[k] = float_to_bf16_exact(widen1(src[k], E4M3) * (E4M3 ? 256.f : 1.f));
 }
 
 // ---- the small-M kernel --------------------------------------------------------------------------------------
@@ -287,31 +308,14 @@ void gemv_impl(const float* xf, int64_t M, const uint8_t* w8, int64_t N, int64_t
 
 // ---- the medium-M kernel on bf16 hardware ---------------------------------------------------------------------
 // Compute-bound from M ~ 4: FP8 values are exact in bf16, so widen each weight row group once into bf16 (in
-// registers: fp8 -> fp16 bits -> fp32 -> bf16) and multiply with vdpbf16ps (fp32 accumulation), the same
+// registers, by table) and multiply with vdpbf16ps (fp32 accumulation), the same
 // instruction oneDNN's bf16 GEMM uses, reading half the weight bytes it reads.
 #if defined(DSQ_BF16DP)
-// 32 FP8 bytes -> 32 bf16 (value / post), in order.
-template <bool E4M3>
-inline __m512i widen32_bf16(const uint8_t* p) {
-  __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  if (E4M3) {
-    h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x80)), 8),
-                        _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x7F)), 7));
-  } else {
-    h = _mm512_slli_epi16(h, 8);
-  }
-  __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-  __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-}
-
-// A row of n FP8 bytes -> n bf16 (value / post); n padded with zeros to a multiple of 32.
+// A row of n FP8 bytes -> n bf16 (exact values); n padded with zeros to a multiple of 32.
 template <bool E4M3>
 void widen_row_bf16dp(const uint8_t* src, uint16_t* dst, int64_t n, int64_t n_padded) {
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) _mm512_storeu_si512(dst + k, widen32_bf16<E4M3>(src + k));
-  for (; k < n; ++k) dst[k] = float_to_bf16_exact(widen1(src[k], E4M3));
-  for (; k < n_padded; ++k) dst[k] = 0;
+  widen_row_bf16<E4M3>(src, dst, n);
+  for (int64_t k = n; k < n_padded; ++k) dst[k] = 0;
 }
 
 template <int MT, int RT>
@@ -535,8 +539,7 @@ at::Tensor fp8_gemm_dp(const at::Tensor& x_fp8, const at::Tensor& w_fp8, const a
   at::Tensor y = at::empty({a.M, a.N}, x_fp8.options().dtype(out_dtype));
   if (a.M == 0 || a.N == 0) return y;
   if (a.K == 0) return y.zero_();
-  Epilogue ep{a.xs.data_ptr<float>(), a.xs.numel() > 1, a.ws.data_ptr<float>(), a.ws.numel() > 1,
-              a.e4m3 ? 65536.f : 1.f};
+  Epilogue ep{a.xs.data_ptr<float>(), a.xs.numel() > 1, a.ws.data_ptr<float>(), a.ws.numel() > 1, 1.f};
   const auto* x8 = static_cast<const uint8_t*>(a.x.data_ptr());
   const auto* w8 = static_cast<const uint8_t*>(a.w.data_ptr());
   dispatch_out(out_dtype, [&](auto tag) {
