@@ -34,8 +34,9 @@ from bench.gemm import cpu_info, cuda_gemm_fp8_over_bf16, gemm_table  # noqa: E4
 
 KEYS = ("weight_bytes_ratio", "measure_overhead", "prefill_speedup", "decode_speedup", "convert_seconds_per_gb",
         "merge_seconds_64x1000", "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")
-TARGETS = {"weight_bytes_ratio": "<= 0.505", "measure_overhead": "<= 1.10", "prefill_speedup": ">= 2",
-           "decode_speedup": ">= 1.0", "minilm_cosine": ">= 0.999", "tinylm_ppl_fp8": "<= 1.01 x bf16"}
+# prefill/decode: the speed issue's CPU goals (bf16 time / FP8 time, TP=2); on GPUs decode >= 1.2
+TARGETS = {"weight_bytes_ratio": "<= 0.505", "measure_overhead": "<= 1.10",
+           "prefill_speedup": ">= 0.9 (native bf16) / >= 4 (emulated)", "decode_speedup": ">= 1.4", "minilm_cosine": ">= 0.999", "tinylm_ppl_fp8": "<= 1.01 x bf16"}
 # (quick, full) sizes
 SIZES = {
     "convert_layers": (4, 16),  # 4096 x 4096 bf16 linears: 128 MB / 512 MB
@@ -127,6 +128,11 @@ def table(res: dict) -> str:
              f"  {'figure':<24} {'value':>10}  target"]
     for k in KEYS:
         lines.append(f"  {k:<24} {res[k]:>10.4g}  {TARGETS.get(k, '')}")
+    tp = res.get("tp", {})
+    if "bf16_decode_s" in tp:
+        lines.append(f"  TP=2 decode: bf16 {1 / tp['bf16_decode_s']:.1f} tokens/s, FP8 {1 / tp['fp8_decode_s']:.1f} tokens/s; "
+                     f"prefill of {res['meta']['tp_model']['prefill']} tokens: bf16 {tp['bf16_prefill_s']:.3f} s, "
+                     f"FP8 {tp['fp8_prefill_s']:.3f} s ({tp['threads_per_rank']} thread(s) per rank)")
     for shape, row in res["cpu_gemm"].items():
         parts = [f"{k.replace('_speed_vs_bf16', '')} {v:.3g}x" for k, v in row.items() if k.endswith("_speed_vs_bf16")]
         lines.append(f"  CPU GEMM {shape:<14} bf16 {row['bf16_s'] * 1e3:8.2f} ms; FP8 speed vs bf16: " + ", ".join(parts)

@@ -46,7 +46,7 @@ CSRC = Path(__file__).resolve().parent / "csrc" / "fp8_gemm_cpu.cpp"
 # GEMM is compute-bound: the bf16 dot-product kernel up to CPU_DP_MAX_M (where the CPU has avx512_bf16), the
 # blocked path (the native GEMM on widened blocks) beyond. Measured per CPU kind by `bench/run.py`.
 CPU_GEMV_MAX_M = {"bf16": 2, "fp32": 4}
-CPU_DP_MAX_M = 32
+CPU_DP_MAX_M = 8
 CPU_BLOCK_N = 256  # weight rows a thread widens per native GEMM call: 2 MB of bf16 at K=4096 (fastest of 256-2048 here)
 
 

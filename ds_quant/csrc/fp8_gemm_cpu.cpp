@@ -587,7 +587,11 @@ at::Tensor fp8_gemm_blocked(const at::Tensor& x_fp8, const at::Tensor& w_fp8, co
   auto opts = x_fp8.options().dtype(gemm_dtype);
   at::Tensor xw = at::empty({a.M, a.K}, opts);
   widen_rows(static_cast<const uint8_t*>(a.x.data_ptr()), a.K, 0, a.M, xw, a.e4m3);
-  const int64_t nb = std::min(block_n, a.N);
+  // Blocks of at most block_n rows and, with several threads, at least ~4 per thread, so small layers (N = 192
+  // kv projections) still keep every thread busy: multiples of 16 rows.
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_block = threads > 1 ? (a.N + 4 * threads - 1) / (4 * threads) : a.N;
+  const int64_t nb = std::min({block_n, a.N, std::max<int64_t>(16, (per_block + 15) / 16 * 16)});
   const float* xs = a.xs.data_ptr<float>();
   const float* ws = a.ws.data_ptr<float>();
   const bool xs_rows = a.xs.numel() > 1, ws_rows = a.ws.numel() > 1;
