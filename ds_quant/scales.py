@@ -237,6 +237,10 @@ def candidate_shifts(base: torch.Tensor, rounding: Rounding, profile: DeviceProf
         steps = sorted({round(math.log2(a) - math.log2(b)) for a in profile.hw_scales for b in profile.hw_scales
                         if a >= b})
         ks = torch.tensor([k for k in steps if k < 4 * OPT_CANDIDATES])
+        # ... and never below its smallest member: base is in the set, so base * 2^-k is too while it stays >=
+        # the smallest scale (checked on the smallest base: per-channel rows share the candidates)
+        lowest = min(profile.hw_scales)
+        ks = ks[(float(base.min()) * torch.exp2(-ks.double()) >= lowest * (1 - 1e-9)) | (ks == 0)]
     if rounding is Rounding.HW and profile.pow2_range is not None:
         lowest = 2.0 ** profile.pow2_range[0]
         ks = ks[: max(1, int(torch.log2(base.min() / lowest).floor().clamp(min=0).item()) + 1)]

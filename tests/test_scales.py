@@ -129,3 +129,18 @@ def test_e5m2_weights():
     # E5M2 keeps 2 mantissa bits: ~23 dB per operand, ~20 dB for the product; 18 dB leaves margin.
     x = torch.randn(16, 64).clamp(-4, 4)
     assert sqnr_db(float_reference(layer, x), fp8(x).float()) > 18
+
+
+def test_gaudi2_opt_weight_scales_stay_in_the_hardware_set():
+    """A weight whose maxabs scale is already Gaudi2's smallest (2^-8): the opt search may not go below it
+    (it picked 2^-12 and 2^-16 before: on small weights a smaller scale wins on MSE)."""
+    from ds_quant.config import DeviceForScales
+    from ds_quant.scales import PROFILES, RECIPES, quantize_weight
+
+    torch.manual_seed(0)
+    profile = PROFILES[DeviceForScales.GAUDI2]
+    for amax in (0.06, 0.002):  # amax / (240 * 0.5) <= 2^-11: rounds up to 2^-8, the smallest hardware scale
+        w = torch.randn(32, 256) * 1e-4
+        w[:, 0] = amax
+        _, scale = quantize_weight(w, RECIPES[ScaleMethod.MAXABS_HW_OPT_WEIGHT], torch.float8_e4m3fn, profile)
+        assert scale.item() == 2.0**-8, (amax, scale)
