@@ -182,38 +182,30 @@ def cpu_gemv_max_m() -> int:
 def fp8_mm_reference(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
     """The definition, in plain torch: FP8 values as float32 (exact), float32 accumulation, then the scales."""
     acc = torch.matmul(x_fp8.float(), w_fp8.float().t())
-    return (acc * _col(scale_a) * scale_b.float().reshape(1, -1)).to(out_dtype)
+    return (acc * scale_a.float().reshape(-1, 1) * scale_b.float().reshape(1, -1)).to(out_dtype)
 
 
-def _col(scale_a: torch.Tensor) -> torch.Tensor:
-    return scale_a.float().reshape(-1, 1)
+def _scaled_mm(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm on (M, K) x (N, K); rowwise scales materialised as (M, 1) and (1, N) (the rowwise
+    kernel's stride requirements)."""
+    m, n = x_fp8.shape[0], w_fp8.shape[0]
+    sa, sb = scale_a.float(), scale_b.float()
+    if scale_a.numel() > 1 or scale_b.numel() > 1:
+        sa, sb = sa.reshape(-1, 1).expand(m, 1).contiguous(), sb.reshape(1, -1).expand(1, n).contiguous()
+    # mat2 must be column-major: weight is (N, K) row-major, so .t() is (K, N) column-major.
+    return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
 def _cuda_scaled_mm(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
-    (m, k), n = x_fp8.shape, w_fp8.shape[0]
+    k, n = x_fp8.shape[1], w_fp8.shape[0]
     kp, np_ = -k % 16, -n % 16
     if kp or np_:  # _scaled_mm needs K and N in multiples of 16: zero padding changes no sum
         x_fp8 = F.pad(x_fp8.view(torch.uint8), (0, kp)).view(x_fp8.dtype)
         w_fp8 = F.pad(w_fp8.view(torch.uint8), (0, kp, 0, np_)).view(w_fp8.dtype)
         if scale_b.numel() > 1:
             scale_b = F.pad(scale_b.float().reshape(-1), (0, np_), value=1.0)
-    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
-    sa, sb = scale_a.float(), scale_b.float()
-    if rowwise:  # (M, 1) x (1, N), materialised (stride requirements of the rowwise kernel)
-        sa = sa.reshape(-1, 1).expand(m, 1).contiguous()
-        sb = sb.reshape(1, -1).expand(1, w_fp8.shape[0]).contiguous()
-    # mat2 must be column-major: weight is (N, K) row-major, so .t() is (K, N) column-major.
-    y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    y = _scaled_mm(x_fp8, w_fp8, scale_a, scale_b, out_dtype)
     return y[:, :n] if np_ else y
-
-
-def _cpu_scaled_mm(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
-    m, n = x_fp8.shape[0], w_fp8.shape[0]
-    rowwise = scale_a.numel() > 1 or scale_b.numel() > 1
-    sa, sb = scale_a.float(), scale_b.float()
-    if rowwise:
-        sa, sb = sa.reshape(-1, 1).expand(m, 1).contiguous(), sb.reshape(1, -1).expand(1, n).contiguous()
-    return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
 def _cpu_gemv(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
@@ -230,7 +222,7 @@ def _cpu_blocked(x_fp8, w_fp8, scale_a, scale_b, out_dtype):
 
 
 _COMPILED = frozenset({"cpu_gemv", "cpu_dp", "cpu_blocked"})
-_RUN = {"reference": fp8_mm_reference, "cuda_scaled_mm": _cuda_scaled_mm, "cpu_scaled_mm": _cpu_scaled_mm,
+_RUN = {"reference": fp8_mm_reference, "cuda_scaled_mm": _cuda_scaled_mm, "cpu_scaled_mm": _scaled_mm,
         "cpu_gemv": _cpu_gemv, "cpu_dp": _cpu_dp, "cpu_blocked": _cpu_blocked}
 
 

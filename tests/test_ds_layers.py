@@ -8,7 +8,6 @@ layer on that rank, and the merged measurements of the ranks with those of the w
 """
 
 import contextlib
-import logging
 from unittest import mock
 
 import pytest
@@ -188,14 +187,6 @@ def test_each_class_quantizes_to_fp8_with_deepspeed_semantics(case, tmp_path):
         y = quant(x)
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     assert sqnr_db(ref.float(), y.float()) > 25
-
-
-@pytest.fixture
-def caplog_ds(caplog):
-    logger = logging.getLogger("ds_quant")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 class NewDeepSpeedLayer(layers.LinearLayer):

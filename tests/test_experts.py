@@ -1,6 +1,5 @@
 """Fused MoE experts (transformers 5's MixtralExperts layout): measured and FP8 twins in one process."""
 
-import logging
 
 import pytest
 import torch
@@ -42,14 +41,6 @@ def routing(seed, skip=None):
         scores[:, skip] = -1
     w, idx = scores.topk(K, dim=-1)
     return x, idx, (w / w.sum(-1, keepdim=True)).bfloat16()
-
-
-@pytest.fixture
-def caplog_ds(caplog):
-    logger = logging.getLogger("ds_quant")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_experts_measure_then_quantize_per_expert(tmp_path, caplog_ds):

@@ -274,7 +274,7 @@ inline void tile_m(int mt, const float* xf, int64_t ldx, const uint8_t* w8, cons
 template <bool E4M3, typename OutT>
 void gemv_impl(const float* xf, int64_t M, const uint8_t* w8, int64_t N, int64_t K, const Epilogue& ep, OutT* y) {
   const int64_t groups = (N + kRT - 1) / kRT;
-  // Each rank of x re-reads the weight row group from L1/L2 when it was widened once (M > kMT); for M <= kMT
+  // Each row of x re-reads the weight row group from L1/L2 when it was widened once (M > kMT); for M <= kMT
   // one pass of the weight bytes serves every row of x.
   const bool widen_once = M > kMT;
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
