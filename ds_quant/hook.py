@@ -9,29 +9,36 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
+from . import dist
 from .config import CLI_FLAG, ENV_VAR, QuantConfig, resolve_config
 from .prepare import prep_model
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _WRAPPED_ATTR = "__ds_quant_wrapped__"
 
 
-def install(config: QuantConfig | Mapping | str | os.PathLike | None = None) -> None:
+def install(config: QuantConfig | Mapping | str | os.PathLike | None = None,
+            on_model: Callable[[nn.Module], None] | None = None) -> None:
     """Wrap `deepspeed.init_inference` (idempotent; imports DeepSpeed here, not at `import ds_quant`).
 
     Without `config`, each call reads `--quant-config` / `QUANT_CONFIG`. With it, every call uses that
     config and never reads argv: the `ds_quant.run` wrapper pins its own `--quant-config` this way, so
-    the wrapped script's arguments cannot be mistaken for ours.
+    the wrapped script's arguments cannot be mistaken for ours. `on_model` is called with every prepared
+    model (the wrapper keeps them, to finish their measurements when the script returns).
     """
     import deepspeed
 
     pinned = None if config is None else resolve_config(config)
     if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False):
-        if pinned is None:
+        if pinned is None and on_model is None:
             return
         uninstall()
-    deepspeed.init_inference = _wrap(deepspeed.init_inference, pinned)
+    deepspeed.init_inference = _wrap(deepspeed.init_inference, pinned, on_model)
 
 
 def uninstall() -> None:
@@ -42,35 +49,21 @@ def uninstall() -> None:
         deepspeed.init_inference = original
 
 
-def _wrap(init_inference, pinned: QuantConfig | None = None):
+def _wrap(init_inference, pinned: QuantConfig | None = None, on_model=None):
     @functools.wraps(init_inference)
     def init_inference_quantized(*args, **kwargs):
         engine = init_inference(*args, **kwargs)
-        _guard_shm_allreduce()
+        dist.guard_shm_allreduce()
         config = pinned if pinned is not None else QuantConfig.from_env_or_args()
         if config is not None:
             # prep_model swaps submodules in place; the engine keeps the same module object.
             engine.module = prep_model(engine.module, config)
+            if on_model is not None:
+                on_model(engine.module)
         return engine
 
     setattr(init_inference_quantized, _WRAPPED_ATTR, True)
     return init_inference_quantized
-
-
-def shm_allreduce_usable(local_size: str | None, world_size: int) -> bool:
-    """DeepSpeed's CPU shm allreduce sets itself up only when every rank is on this node."""
-    return local_size is not None and local_size.isdigit() and int(local_size) == world_size
-
-
-def _guard_shm_allreduce() -> None:
-    """DeepSpeed 0.19 on CPU calls its shm allreduce even when it skipped setting it up (ranks on several
-    nodes) and segfaults; there, make `inference_all_reduce` take its own torch.distributed fallback."""
-    from deepspeed.comm import comm
-
-    cdb = comm.cdb
-    if getattr(cdb, "shm_comm_op", None) is not None and not shm_allreduce_usable(os.environ.get("LOCAL_SIZE"),
-                                                                                 cdb.get_world_size()):
-        cdb.shm_vector_kernel_level = 0
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

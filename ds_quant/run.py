@@ -7,7 +7,8 @@ Our options come before the script path; everything after it belongs to the scri
 `__main__` with exactly the `sys.argv` it would have had without us (plus the `--local_rank=N` that
 DeepSpeed's launcher hands to whatever it launches). The config is loaded once, here, and pinned: a
 `--quant-config` among the script's own arguments is the script's business, never read as ours.
-Measurements are finished when the script returns, or exits with `sys.exit(0)`.
+Measurements are finished when the script returns, or exits with `sys.exit(0)`; then every rank waits for
+the others and the process group is destroyed before the interpreter exits (`dist.shutdown`).
 
 `plan` (argv, env -> what to run) and `mpi_env` (MPI ranks -> torch.distributed variables) are pure
 functions; `main` is the thin layer that applies them.
@@ -15,7 +16,6 @@ functions; `main` is the thin layer that applies them.
 
 from __future__ import annotations
 
-import functools
 import os
 import runpy
 import sys
@@ -132,31 +132,11 @@ def _first_address() -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
-def _install(config: QuantConfig) -> list:
-    """ds_quant.install with the config pinned; returns the list every prepared model is appended to."""
-    import deepspeed
-
-    from .hook import install
-
-    install(config)
-    models, inner = [], deepspeed.init_inference
-
-    @functools.wraps(inner)  # keeps the hook's marker, so a script's own ds_quant.install() is a no-op
-    def init_inference(*args, **kwargs):
-        engine = inner(*args, **kwargs)
-        models.append(engine.module)
-        return engine
-
-    init_inference.__wrapped__ = inner.__wrapped__  # ds_quant.uninstall() restores DeepSpeed's own
-    deepspeed.init_inference = init_inference
-    return models
-
-
 def _finish(models: list, config: QuantConfig, script: str) -> None:
     """Finish what the script left unfinished (collective: every rank gets here), then one summary."""
     import torch
-    import torch.distributed as dist
 
+    from . import dist
     from .experts import Fp8Experts, MeasuredExperts
     from .log import current_rank, get_logger
     from .modules import Fp8Linear, MeasuredLinear
@@ -167,7 +147,7 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
     for model in models:
         if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
                                                                                      False):
-            if not (dist.is_available() and dist.is_initialized()):
+            if not dist.initialized():
                 log.warning("the script destroyed the process group before its measurements were saved; call "
                             "ds_quant.finish_measurements(model) before destroying it")
                 continue
@@ -204,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(p.env)
     if needs_mpi_discovery(os.environ):
         os.environ.update(discover_mpi(os.environ))
-    models = _install(config)
+    from . import dist
+    from .hook import install
+
+    models: list = []
+    install(config, on_model=models.append)
     sys.argv = list(p.argv)
     sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
     try:
@@ -213,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.code not in (None, 0):
             raise
     _finish(models, config, p.script)
+    dist.shutdown()
     return 0
 
 

@@ -233,10 +233,6 @@ def _orig_shape(module, spec: TPSpec) -> tuple[int, int]:
     return (shape[1], shape[0]) if spec.weight_transposed else (shape[0], shape[1])
 
 
-def _identity(t):
-    return t
-
-
 @dataclass(frozen=True)
 class TPLayout:
     """Where the GEMM sits in one rank's forward. `partition_sizes` are DeepSpeed's frozen split of the
@@ -320,32 +316,16 @@ class TPLayout:
     def reducers(self, per_channel: bool):
         """(max, sum) over the ranks holding the rest of what a weight statistic covers: the whole tensor
         (per tensor: every sharded kind), or whole rows (per channel: only an in-dim cut splits rows)."""
+        from . import dist
+
         dim = self.spec.partitioned_dim
         sharded = dim == 1 if per_channel else dim is not None
-        if not sharded or self.mp_group is None or self.tp_size == 1:
-            return _identity, _identity
-        import torch.distributed as dist
-
-        def reduce(op):
-            def run(t):
-                t = t.clone()
-                dist.all_reduce(t, op=op, group=self.mp_group)
-                return t
-
-            return run
-
-        return reduce(dist.ReduceOp.MAX), reduce(dist.ReduceOp.SUM)
+        return dist.reducers(self.mp_group if self.tp_size > 1 else None, sharded)
 
     def _allreduce(self, y):
-        # DeepSpeed's own inference allreduce (shm on CPU, NCCL on GPU), in the output dtype (bf16).
-        from deepspeed import comm as dist
-        from deepspeed.comm import pg_utils
+        from . import dist
 
-        if not pg_utils.is_parallel(self.mp_group):  # the same test DeepSpeed's layers make
-            return y
-        y = y.contiguous()
-        dist.inference_all_reduce(y, group=self.mp_group)
-        return y
+        return dist.inference_all_reduce(y, self.mp_group)
 
 
 _CANONICAL = {Kind.PLAIN: PLAIN, Kind.COLUMN: DS_SPECS["LinearLayer"], Kind.ROW: DS_SPECS["LinearAllreduce"],
