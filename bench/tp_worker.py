@@ -138,3 +138,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    ds_quant.shutdown()  # barrier, unlink this rank's shm buffer, destroy the process group: a clean exit

@@ -22,6 +22,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+LOCAL = "local"  # as a group: this process alone (a model that is not tensor-parallel); nothing is sent
 
 
 def initialized() -> bool:
@@ -31,15 +32,20 @@ def initialized() -> bool:
 
 
 def group_size(group=None) -> int:
+    """Ranks in `group` (None: the default group; LOCAL: 1)."""
+    if group is LOCAL or not initialized():
+        return 1
     import torch.distributed as dist
 
-    return dist.get_world_size(group=group) if initialized() else 1
+    return dist.get_world_size(group=group)
 
 
 def group_rank(group=None) -> int:
+    if group is LOCAL or not initialized():
+        return 0
     import torch.distributed as dist
 
-    return dist.get_rank(group=group) if initialized() else 0
+    return dist.get_rank(group=group)
 
 
 def barrier(group=None) -> None:
@@ -81,27 +87,24 @@ def all_reduce_sum(t, group=None):
 
 
 # -- errors -----------------------------------------------------------------------------------------------
-class RankError(RuntimeError):
+class RankError(ValueError):
     """A check failed on at least one rank; every rank raises this one, with the same message."""
 
 
-def agree(fn: Callable[[], T], group=None, errors: tuple[type[BaseException], ...] = (Exception,),
-          what: str = "") -> T:
+def agree(fn: Callable[[], T], group=None, what: str = "") -> T:
     """Run `fn` on every rank of `group` and agree on the outcome before anyone goes on.
 
     If `fn` raised on any rank, every rank raises the same `RankError` naming the failing ranks and the first
     failing rank's message (`what` says what was being done), so no rank is left waiting in a later collective
-    and no gloo/NCCL traceback is the last thing a user reads. Otherwise each rank gets its own result.
-    Collective over `group`: every rank must call it.
+    and no gloo/NCCL traceback is the last thing a user reads. Otherwise each rank gets its own result. Alone
+    (one rank), `fn`'s own exception propagates unchanged. Collective over `group`: every rank must call it.
     """
+    if group_size(group) == 1:
+        return fn()
     try:
         result, failure = fn(), None
-    except errors as e:  # noqa: BLE001 - the point is to carry any failure to every rank
-        result, failure = None, f"{type(e).__name__}: {e}" if not isinstance(e, RankError) else str(e)
-    if group_size(group) == 1:
-        if failure is not None:
-            raise RankError(failure)
-        return result
+    except Exception as e:  # noqa: BLE001 - the point is to carry any failure to every rank
+        result, failure = None, _one_line(e)
     from .log import current_rank
 
     outcomes = all_gather_objects((current_rank(), failure), group)
@@ -109,12 +112,24 @@ def agree(fn: Callable[[], T], group=None, errors: tuple[type[BaseException], ..
     if failed:
         ranks = ", ".join(str(r) for r, _ in failed)
         first_rank, first = failed[0]
-        same = all(f == first for _, f in failed)
-        head = f"{what}: " if what else ""
-        where = f"rank {first_rank}" if len(failed) == 1 else f"ranks {ranks}" if same else \
-            f"ranks {ranks} (first: rank {first_rank})"
-        raise RankError(f"{head}{where}: {first}")
+        if len(failed) == 1:
+            where = f"rank {first_rank}"
+        elif all(f == first for _, f in failed):
+            where = f"ranks {ranks}"
+        else:
+            where = f"ranks {ranks} (rank {first_rank} says)"
+        raise RankError(f"{what + ': ' if what else ''}{where}: {first}")
     return result
+
+
+def _one_line(e: BaseException) -> str:
+    """Our errors are self-explanatory; anything else keeps its type name."""
+    from .config import ConfigError
+
+    msg = str(e)
+    if isinstance(e, RankError) or type(e).__name__ == "MeasurementError" or isinstance(e, ConfigError):
+        return msg
+    return f"{type(e).__name__}: {msg}"
 
 
 # -- DeepSpeed's comm ---------------------------------------------------------------------------------------

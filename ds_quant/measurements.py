@@ -85,6 +85,7 @@ def atomic_write_json(path: str | os.PathLike, doc: Mapping) -> None:
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give them the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -93,6 +94,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _companions(path: Path) -> list[Path]:
@@ -260,8 +267,13 @@ def _header(kind: str, observer: str, dtype: str, world_size: int, layers: Mappi
                         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
 
 
-def make_shard(layers: Mapping[str, dict], rank: int, world_size: int, observer: str, dtype: str) -> dict:
-    return {**_header("shard", observer, dtype, world_size, layers), "rank": rank, "layers": dict(layers)}
+def make_shard(layers: Mapping[str, dict], rank: int, world_size: int, observer: str, dtype: str,
+               run: str | None = None) -> dict:
+    """`run`: an id every shard of one MEASURE run shares, so shards of two runs are never merged together."""
+    head = _header("shard", observer, dtype, world_size, layers)
+    if run is not None:
+        head["run"] = run
+    return {**head, "rank": rank, "layers": dict(layers)}
 
 
 def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
@@ -274,10 +286,10 @@ def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
     if ranks != list(range(world)):
         raise MeasurementError(f"{where}: expected one shard per rank 0..{world - 1}, got ranks {ranks}")
     for s in shards:
-        for key in ("world_size", "fingerprint", "observer"):
-            if s[key] != shards[0][key]:
-                raise MeasurementError(f"{where}: shard of rank {s['rank']} has {key}={s[key]!r}, "
-                                       f"rank 0 has {shards[0][key]!r}; shards come from different runs")
+        for key in ("world_size", "fingerprint", "observer", "run"):
+            if s.get(key) != shards[0].get(key):
+                raise MeasurementError(f"{where}: shard of rank {s['rank']} has {key}={s.get(key)!r}, "
+                                       f"rank 0 has {shards[0].get(key)!r}; shards come from different runs")
     for s in shards[1:]:
         if s["layers"].keys() != shards[0]["layers"].keys():
             diff = sorted(set(s["layers"]) ^ set(shards[0]["layers"]))
@@ -285,6 +297,8 @@ def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
     merged = {name: _merge_layer(name, [s["layers"][name] for s in shards]) for name in shards[0]["layers"]}
     head = _header("merged", shards[0]["observer"], shards[0]["dtype"], world, merged)
     head["created"] = shards[0]["created"]  # keep merges byte-identical for the same shards
+    if shards[0].get("run") is not None:
+        head["run"] = shards[0]["run"]
     return {**head, "layers": merged}
 
 
@@ -324,7 +338,17 @@ def _merge_layer(name: str, recs: list[dict]) -> dict:
             "input_channel_amax": channels,
             "output_amax": _max_or_none([r.get("output_amax") for r in recs]),
             "weight_amax": _max_or_none([r.get("weight_amax") for r in recs]),
-            "samples": max(r["samples"] for r in recs)}
+            "samples": max(r["samples"] for r in recs),
+            **_merged_nonfinite(kind, recs)}
+
+
+def _merged_nonfinite(kind: str, recs: list[dict]) -> dict:
+    """NaN/Inf input values the layer saw: summed over the slices of a split input, the max over ranks of a
+    replicated one (every rank saw the same values). Absent in files written before the count existed."""
+    counts = [r.get("nonfinite_inputs") for r in recs]
+    if any(c is None for c in counts):
+        return {}
+    return {"nonfinite_inputs": sum(counts) if kind in _split_input_kinds() else max(counts)}
 
 
 # -- offline merge (`ds-quant merge PREFIX`) -----------------------------------------------------------------
@@ -356,10 +380,10 @@ def merge_files(prefix: str, world_size: int | None = None, out: str | None = No
             dup = f"; duplicate of {', '.join(holder)}" if holder else ""
             raise MeasurementError(f"{paths[r]}: holds rank {s['rank']} of world size {s['world_size']}, but its name "
                                    f"says rank {r} of {world}{dup}")
-    for key in ("fingerprint", "observer"):
+    for key in ("fingerprint", "observer", "run"):
         values = {}
         for r, s in shards.items():
-            values.setdefault(s[key], []).append(paths[r])
+            values.setdefault(s.get(key), []).append(paths[r])
         if len(values) > 1:
             groups = sorted(values.items(), key=lambda kv: -len(kv[1]))
             odd = "; ".join(f"{key}={v!r}: {', '.join(ps)}" for v, ps in groups[1:])
@@ -370,38 +394,104 @@ def merge_files(prefix: str, world_size: int | None = None, out: str | None = No
     return target
 
 
-# -- gather + write (MEASURE) -------------------------------------------------------------------------------
-def save(layers: Mapping[str, dict], prefix: str, rank: int, world_size: int, group, observer: str,
-         dtype: str) -> str | None:
-    """Write this rank's shard, gather all shards over `group` (no shared filesystem needed), and on
-    rank 0 write the merged file. Returns the merged path on rank 0, else None."""
-    shard = make_shard(layers, rank, world_size, observer, dtype)
-    atomic_write_json(shard_path(prefix, rank, world_size), shard)
-    if world_size == 1:
-        shards = [shard]
-    else:
-        import torch.distributed as dist
+# -- write (MEASURE) ------------------------------------------------------------------------------------------
+def check_writable(prefix: str, needed_bytes: int = 0) -> None:
+    """Fail before calibration, not after it: the folder of `prefix` can be created and written, and has room for
+    `needed_bytes` (plus a margin)."""
+    import shutil
 
-        shards = [None] * world_size
-        dist.all_gather_object(shards, shard, group=group)
-    if rank != 0:
-        return None
+    folder = Path(os.path.dirname(prefix) or ".")
+    fix = "; choose a writable dump_stats_path with free space"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ds_quant-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MeasurementError(f"dump_stats_path {prefix!r}: cannot write in {folder}: {e.strerror or e}{fix}") \
+            from None
+    free = shutil.disk_usage(folder).free
+    if free < 2 * needed_bytes + (1 << 20):
+        raise MeasurementError(f"dump_stats_path {prefix!r}: {free / 2**20:.1f} MiB free in {folder}, the "
+                               f"measurements need about {needed_bytes / 2**20:.1f} MiB{fix}")
+
+
+def estimated_bytes(in_features: Iterable[int]) -> int:
+    """A generous size of one shard plus the merged file (float32 vectors, ~400 bytes of JSON per layer)."""
+    widths = list(in_features)
+    return 2 * (4 * sum(widths) + 400 * len(widths))
+
+
+def remove_previous(prefix: str, rank: int) -> list[str]:
+    """Before a MEASURE run writes: rank 0 removes the old merged file and every old shard it can see, other ranks
+    their own old shards (of any world size; other nodes do not share rank 0's disk), so a run that dies leaves
+    no file of an earlier run that QUANTIZE or `ds-quant merge` could mistake for its own. Returns what was
+    removed."""
+    gone = [p for (r, _), p in find_shards(prefix).items() if rank == 0 or r == rank]
+    if rank == 0 and Path(merged_path(prefix)).exists():
+        gone.append(merged_path(prefix))
+    for p in gone:
+        Path(p).unlink(missing_ok=True)
+        _remove_stale_companions(Path(p), None)
+    return gone
+
+
+def write_shard(layers: Mapping[str, dict], prefix: str, rank: int, world_size: int, observer: str, dtype: str,
+                run: str | None = None) -> dict:
+    """Write this rank's shard (atomically) and return it, for the gather."""
+    shard = make_shard(layers, rank, world_size, observer, dtype, run)
+    atomic_write_json(shard_path(prefix, rank, world_size), shard)
+    return shard
+
+
+def write_merged(shards: Iterable[Mapping], prefix: str) -> str:
     out = merged_path(prefix)
     atomic_write_json(out, merge(shards, where=f"shards of {prefix}"))
     return out
 
 
-# -- load (QUANTIZE) ---------------------------------------------------------------------------------------
-def load_for_quantize(prefix: str, rank: int, world_size: int) -> tuple[dict, str]:
-    """The merged file, else this rank's shard of a run at the same world size."""
-    merged, shard = merged_path(prefix), shard_path(prefix, rank, world_size)
-    if Path(merged).exists():
-        return load(merged), merged
-    if Path(shard).exists():
-        return load(shard), shard
-    raise MeasurementError(
-        f"no measurements at {merged} (nor this rank's shard {shard}): run MEASURE first with the same "
-        f"dump_stats_path, e.g. a config with \"mode\": \"MEASURE\", \"dump_stats_path\": \"{prefix}\"")
+# -- read (QUANTIZE) ----------------------------------------------------------------------------------------
+def local_sources(prefix: str) -> dict:
+    """What one rank can read of `prefix` on its own filesystem: {"merged": bool, "shards": {(rank, world): path}}."""
+    return {"merged": Path(merged_path(prefix)).exists(), "shards": find_shards(prefix)}
+
+
+def read_plan(prefix: str, seen: list[Mapping], world_size: int) -> tuple[str, dict[int, list[str]], str]:
+    """Who reads what, from every rank's `local_sources` (in rank order). Pure: every rank computes the same.
+
+    The merged file, read by the first rank that has it; else one shard per measured rank, each read by the first
+    rank that has it (at the current world size if such shards exist, else at the one world size found). Returns
+    (what: "merged" | "shards", {reader rank: [paths]}, a description for messages)."""
+    holders = [r for r, s in enumerate(seen) if s["merged"]]
+    if holders:
+        return "merged", {holders[0]: [merged_path(prefix)]}, merged_path(prefix)
+    found: dict[tuple[int, int], int] = {}
+    for r, s in enumerate(seen):
+        for key in s["shards"]:
+            found.setdefault(tuple(key), r)
+    if not found:
+        raise MeasurementError(
+            f"no measurements at {merged_path(prefix)} (nor shards {shard_path(prefix, 'RANK', 'WORLD')}) on any "
+            f"rank: run MEASURE first with the same dump_stats_path, e.g. a config with \"mode\": \"MEASURE\", "
+            f"\"dump_stats_path\": \"{prefix}\"")
+    worlds = sorted({w for _, w in found})
+    if world_size in worlds:
+        world = world_size
+    elif len(worlds) == 1:
+        world = worlds[0]
+    else:
+        raise MeasurementError(f"no merged file {merged_path(prefix)}, and its shards come from several runs (world "
+                               f"sizes {', '.join(map(str, worlds))}, none is this run's {world_size}): merge the "
+                               f"right ones with `ds-quant merge {prefix} --world-size N`")
+    missing = [k for k in range(world) if (k, world) not in found]
+    if missing:
+        names = ", ".join(f"shard {k} of {world} ({shard_path(prefix, k, world)})" for k in missing)
+        raise MeasurementError(f"no merged file {merged_path(prefix)}, and no rank has {names}: copy it from the "
+                               "node that measured it, or run MEASURE again")
+    plan: dict[int, list[str]] = {}
+    for k in range(world):
+        plan.setdefault(found[(k, world)], []).append(shard_path(prefix, k, world))
+    return "shards", plan, f"the {world} shards of {prefix} (no merged file)"
 
 
 def check_layers(doc: dict, where: str, wanted: Mapping[str, tuple[int, int]]) -> None:

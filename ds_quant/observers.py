@@ -1,7 +1,8 @@
 """Max-abs observer: what one rank sees flowing through one linear.
 
 Running maxima stay on the layer's device and never sync to the host during a forward; they are read
-once, when the shard is written.
+once, when the shard is written. NaN and Inf in what a layer sees are counted and left out of the maxima (an
+overflowed activation must not become an infinite, or NaN, scale); the count goes into the record.
 """
 
 from __future__ import annotations
@@ -21,16 +22,24 @@ class MaxAbsObserver:
         self.measure_params = exclude not in (MeasureExclude.PARAMS, MeasureExclude.ALL)
         self.input_channel_amax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.output_amax = torch.zeros((), dtype=torch.float32, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # NaN/Inf input values seen
         self.samples = 0  # rows (tokens) seen
 
     def observe_input(self, x_local: torch.Tensor) -> None:
         self.samples += x_local.shape[:-1].numel()
         if self.measure_input:
+            x_local = self._finite(x_local)
             torch.maximum(self.input_channel_amax, channel_amax(x_local), out=self.input_channel_amax)
 
     def observe_output(self, y: torch.Tensor) -> None:
         if self.measure_output:
-            torch.maximum(self.output_amax, tensor_to_amax(y), out=self.output_amax)
+            finite = torch.isfinite(y)
+            torch.maximum(self.output_amax, tensor_to_amax(y.masked_fill(~finite, 0)), out=self.output_amax)
+
+    def _finite(self, x: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(x)
+        self.nonfinite += bad.sum()
+        return x.masked_fill(bad, 0)
 
     def stats(self, weight_local: torch.Tensor) -> dict:
         """Plain-Python statistics (float / list of float / None) for the shard file."""
@@ -43,4 +52,5 @@ class MaxAbsObserver:
             "output_amax": float(self.output_amax) if self.measure_output else None,
             "weight_amax": float(tensor_to_amax(weight_local)) if self.measure_params else None,
             "samples": int(self.samples),
+            "nonfinite_inputs": int(self.nonfinite),
         }

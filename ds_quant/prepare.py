@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import measurements
+from . import dist, measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
@@ -47,6 +47,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     targets = find(model, make_filter(cfg))
     experts = find(model, make_experts_filter(cfg))
     if cfg.mode is Mode.MEASURE:
+        run = _start_measure(cfg, targets, experts)
         make, make_experts = _measured_maker(cfg), _measured_experts_maker(cfg)
     else:
         make, make_experts = _fp8_makers(cfg, targets, experts)
@@ -59,6 +60,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     _log_outcome(model, cfg, report)
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
+        model._ds_quant_run = run
         _save_at_exit(model)
     return model
 
@@ -79,20 +81,60 @@ def finish_measurements(model: nn.Module) -> str | None:
         layers.update(m.stats())
     dtype = str(next(iter(measured.values())).weight.dtype if measured else measured_experts[0].gate_up_proj.dtype
                 ).replace("torch.", "")
-    out = measurements.save(layers, cfg.dump_stats_path, rank, world, group, cfg.observer.value, dtype)
     log = get_logger()
+    bad = {n: r["nonfinite_inputs"] for n, r in layers.items() if r.get("nonfinite_inputs")}
+    if bad:
+        worst = sorted(bad.items(), key=lambda kv: -kv[1])
+        log.warning(f"MEASURE: {len(bad)} layer(s) saw NaN/Inf inputs, left out of their statistics (counted in the "
+                    f"file as nonfinite_inputs): " + ", ".join(f"{n} ({c})" for n, c in worst[:5])
+                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    out = _save(model, layers, cfg, rank, world, group, dtype)
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
              + (f" and merged {out} ({len(layers)} layers)" if out else ""))
     if cfg.dump_stats_xlsx_path and out:
         from .workbook import write_from_files
 
         log.info(f"wrote statistics workbook {write_from_files(cfg.dump_stats_xlsx_path, out, cfg)}")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier(group=group)  # no rank exits (and gets the job killed) while rank 0 is still writing
+    dist.barrier(_group(group, world))  # no rank exits (and gets the job killed) while rank 0 is still writing
     model._ds_quant_finished = True
     return out
+
+
+def _group(group, world: int):
+    """The TP group to talk over; `dist.LOCAL` (no communication) for a model that is not tensor-parallel."""
+    return group if world > 1 else dist.LOCAL
+
+
+def _save(model: nn.Module, layers: dict, cfg: QuantConfig, rank: int, world: int, group, dtype: str) -> str | None:
+    """Every rank writes its shard; the shards are gathered (no shared filesystem needed) and TP rank 0 writes
+    the merged file. Errors agree: every rank raises the same one."""
+    prefix, run = cfg.dump_stats_path, getattr(model, "_ds_quant_run", None)
+    g = _group(group, world)
+    shard = dist.agree(lambda: measurements.write_shard(layers, prefix, rank, world, cfg.observer.value, dtype, run),
+                       g, what="MEASURE: writing this rank's shard")
+    shards = dist.all_gather_objects(shard, g)
+    return dist.agree(lambda: measurements.write_merged(shards, prefix) if rank == 0 else None, g,
+                      what="MEASURE: merging the shards")
+
+
+def _start_measure(cfg: QuantConfig, targets, experts) -> str:
+    """Before calibration: the dump path is writable with room to spare on every rank, files of an earlier run
+    under the same prefix are gone (a run that dies cannot leave them for QUANTIZE to mistake for its own), and
+    every rank holds the same run id, stamped on its shard. Returns the run id."""
+    import uuid
+
+    rank, world, group = tp_position(TPLayout.of(m) for _, m in targets)
+    g = _group(group, world)
+    widths = [TPLayout.of(m).full_shape(*m.weight.shape)[1] for _, m in targets]
+
+    def check() -> list[str]:
+        measurements.check_writable(cfg.dump_stats_path, measurements.estimated_bytes(widths))
+        return measurements.remove_previous(cfg.dump_stats_path, rank)
+
+    gone = dist.agree(check, g, what="MEASURE")
+    if gone:
+        get_logger().info(f"removed the previous run's {', '.join(gone)}")
+    return dist.broadcast_object(uuid.uuid4().hex[:16], 0, g)
 
 
 # -- MEASURE / QUANTIZE makers -------------------------------------------------------------------------
@@ -122,19 +164,35 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
     if not measured and not measured_experts:
         return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None),
                 lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, None))
-    rank, world, _ = tp_position(TPLayout.of(m) for _, m in measured)
-    doc, where = measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
+    rank, world, group = tp_position(TPLayout.of(m) for _, m in measured)
+    g = _group(group, world)
+    doc, where = read_measurements(cfg.dump_stats_path, world, g)
     # Validate every layer before swapping any: a failure leaves the model untouched.
     wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) for fqn, m in measured}
     for fqn, m in measured_experts:
         wanted.update(expert_shapes(m, fqn))
-    measurements.check_layers(doc, where, wanted)
+    dist.agree(lambda: measurements.check_layers(doc, where, wanted), g, what="QUANTIZE")
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
     with_records = {fqn for fqn, _ in measured_experts}
     return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
                                                         else None),
             lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, doc["layers"] if fqn in with_records
                                                          else None))
+
+
+def read_measurements(prefix: str, world: int, group) -> tuple[dict, str]:
+    """The model-level measurements, read once and shared: the first rank that has the merged file reads and
+    validates it and broadcasts it, so other nodes need no copy; without one, each shard is read by the first
+    rank that has it and every rank merges the same set. Any failure (missing, truncated, corrupt, foreign) is
+    raised on every rank, the same one line. Collective over `group`."""
+    seen = dist.all_gather_objects(measurements.local_sources(prefix), group)
+    what, plan, where = dist.agree(lambda: measurements.read_plan(prefix, seen, world), group, what="QUANTIZE")
+    me = dist.group_rank(group)
+    docs = dist.agree(lambda: [measurements.load(p) for p in plan.get(me, [])], group, what="QUANTIZE")
+    if what == "merged":
+        return dist.broadcast_object(docs[0] if docs else None, next(iter(plan)), group), where
+    shards = [d for part in dist.all_gather_objects(docs, group) for d in part]
+    return dist.agree(lambda: measurements.merge(shards, where=where), group, what="QUANTIZE"), where
 
 
 # -- helpers for the above -------------------------------------------------------------------------------

@@ -191,12 +191,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     install(config, on_model=models.append)
     sys.argv = list(p.argv)
     sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
+    from .measurements import MeasurementError
+
     try:
         runpy.run_path(p.script, run_name="__main__")
+        _finish(models, config, p.script)
     except SystemExit as e:
         if e.code not in (None, 0):
             raise
-    _finish(models, config, p.script)
+        _finish(models, config, p.script)
+    except (dist.RankError, MeasurementError, ConfigError) as e:
+        # Ours, and self-explanatory: one line per rank, no traceback. A RankError was agreed on by every rank
+        # (all stand at the same point), so the job can still end in order, with every rank's line printed.
+        from .log import get_logger
+
+        get_logger().error(str(e))
+        if isinstance(e, dist.RankError):
+            dist.shutdown()
+        return 1
     dist.shutdown()
     return 0
 

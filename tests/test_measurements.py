@@ -1,6 +1,7 @@
 """Measurement files: merge rules, validation messages, atomic writes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,18 +69,83 @@ def test_round_trip_and_naming(tmp_path):
     merged = ms.merge(shards_for_uneven_row())
     ms.atomic_write_json(ms.merged_path(prefix), merged)  # creates directories when writing
     assert ms.load(ms.merged_path(prefix)) == merged
-    doc, where = ms.load_for_quantize(prefix, rank=0, world_size=2)
-    assert where.endswith("stats.json") and doc == merged
+    # Readable by whoever could read a file written with open(): not mkstemp's 0600.
+    mask = os.umask(0o022)
+    try:
+        ms.atomic_write_json(ms.merged_path(prefix), merged)
+    finally:
+        os.umask(mask)
+    assert os.stat(ms.merged_path(prefix)).st_mode & 0o777 == 0o644
 
 
-def test_shard_is_used_when_no_merged_file(tmp_path):
+def test_read_plan_merged_file_is_read_once_by_the_first_rank_that_has_it(tmp_path):
     prefix = str(tmp_path / "stats")
+    ms.atomic_write_json(ms.merged_path(prefix), ms.merge(shards_for_uneven_row()))
+    here, elsewhere = ms.local_sources(prefix), {"merged": False, "shards": {}}
+    assert ms.read_plan(prefix, [elsewhere, here, here], 3) == ("merged", {1: [prefix + ".json"]}, prefix + ".json")
+
+
+def test_read_plan_without_merged_file_reads_each_shard_once(tmp_path):
+    """Shards spread over two nodes (rank 0 has shard 0, rank 1 has shard 1): each is read by one rank."""
+    prefix = str(tmp_path / "stats")
+    s0, s1 = shards_for_uneven_row()
+    ms.atomic_write_json(ms.shard_path(prefix, 0, 2), s0)
+    node0 = ms.local_sources(prefix)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s1)
+    both = ms.local_sources(prefix)
+    node1 = {"merged": False, "shards": {k: p for k, p in both["shards"].items() if k == (1, 2)}}
+    what, plan, where = ms.read_plan(prefix, [node0, node1], 2)
+    assert what == "shards" and plan == {0: [prefix + "_0_2.json"], 1: [prefix + "_1_2.json"]}
+    assert "2 shards" in where
+    # The merge of what was read is the merge of the shards: TP-invariant statistics, whoever read them.
+    assert ms.merge([ms.load(p) for ps in plan.values() for p in ps], where)["layers"] == ms.merge([s0, s1])["layers"]
+    # A run at another world size uses the one complete set there is.
+    assert ms.read_plan(prefix, [both], 1)[1] == {0: [prefix + "_0_2.json", prefix + "_1_2.json"]}
+
+
+def test_read_plan_names_what_is_missing(tmp_path):
+    prefix = str(tmp_path / "stats")
+    with pytest.raises(MeasurementError, match=r"no measurements at .*stats.json \(nor shards .*stats_RANK_WORLD"):
+        ms.read_plan(prefix, [ms.local_sources(prefix)] * 2, 2)
     s0, _ = shards_for_uneven_row()
     ms.atomic_write_json(ms.shard_path(prefix, 0, 2), s0)
-    doc, where = ms.load_for_quantize(prefix, rank=0, world_size=2)
-    assert where.endswith("stats_0_2.json") and doc["kind"] == "shard"
-    with pytest.raises(MeasurementError, match="no measurements at .*stats.json .*stats_0_4.json"):
-        ms.load_for_quantize(prefix, rank=0, world_size=4)
+    with pytest.raises(MeasurementError, match=r"no rank has shard 1 of 2 \(.*stats_1_2.json\)"):
+        ms.read_plan(prefix, [ms.local_sources(prefix)] * 2, 2)
+    ms.atomic_write_json(ms.shard_path(prefix, 0, 4), {**s0, "world_size": 4})
+    with pytest.raises(MeasurementError, match="several runs .world sizes 2, 4, none is this run's 3"):
+        ms.read_plan(prefix, [ms.local_sources(prefix)], 3)
+
+
+def test_shards_of_two_measure_runs_are_never_merged(tmp_path):
+    s0, s1 = shards_for_uneven_row()
+    a, b = {**s0, "run": "aaaa"}, {**s1, "run": "bbbb"}
+    with pytest.raises(MeasurementError, match="shard of rank 1 has run='bbbb', rank 0 has 'aaaa'"):
+        ms.merge([a, b])
+    assert ms.merge([a, {**s1, "run": "aaaa"}])["run"] == "aaaa"
+    prefix = str(tmp_path / "stats")
+    ms.atomic_write_json(ms.shard_path(prefix, 0, 2), a)
+    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), b)
+    with pytest.raises(MeasurementError, match="foreign shards .* run='bbbb'"):
+        ms.merge_files(prefix)
+    assert not (tmp_path / "stats.json").exists()
+
+
+def test_measure_start_checks_the_dump_path_and_removes_the_previous_run(tmp_path):
+    prefix = str(tmp_path / "m" / "stats")
+    ms.check_writable(prefix, 1000)  # creates the folder
+    s0, s1 = shards_for_uneven_row()
+    for r, s in enumerate((s0, s1)):
+        ms.atomic_write_json(ms.shard_path(prefix, r, 2), s)
+    ms.atomic_write_json(ms.merged_path(prefix), ms.merge([s0, s1]))
+    assert ms.remove_previous(prefix, 1) == [prefix + "_1_2.json"]
+    assert sorted(ms.remove_previous(prefix, 0)) == [prefix + ".json", prefix + "_0_2.json"]
+    assert list((tmp_path / "m").iterdir()) == []
+    with pytest.raises(MeasurementError, match=r"dump_stats_path .*: .* MiB free in .*, the measurements need about"):
+        ms.check_writable(prefix, 1 << 60)
+    # An unwritable place (root ignores permission bits, so: a folder whose parent is a file).
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MeasurementError, match="cannot write in .*file/sub: Not a directory; choose a writable"):
+        ms.check_writable(str(tmp_path / "file" / "sub" / "stats"))
 
 
 @pytest.mark.parametrize("edit,fragment", [

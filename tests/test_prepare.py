@@ -182,6 +182,32 @@ def test_changed_weights_are_caught(tmp_path):
         ds_quant.prep_model(other, cfg(tmp_path, mode="QUANTIZE"))
 
 
+def test_nan_and_inf_in_calibration_are_counted_never_a_nan_or_zero_scale(tmp_path, caplog_ds):
+    """An overflowed activation (Inf) or a NaN must not become the layer's max-abs: it is left out, counted per
+    layer in the file and named in the log; the FP8 model's scales stay finite and non-zero."""
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    calibrate(measured)
+    x = torch.randn(2, 7, 32, dtype=torch.bfloat16)
+    x[0, 0, 3], x[1, 2, 5], x[1, 3, 0] = float("nan"), float("inf"), float("-inf")
+    with torch.no_grad():
+        measured(x)
+    with caplog_ds.at_level("WARNING"):
+        ds_quant.finish_measurements(measured)
+    doc = json.loads((tmp_path / "m" / "stats.json").read_text())
+    first = next(iter(doc["layers"]))  # the layer that saw x as it is
+    assert doc["layers"][first]["nonfinite_inputs"] == 3
+    for rec in doc["layers"].values():
+        assert all(v == v and v != float("inf") for v in rec["input_channel_amax"]) and rec["input_amax"] > 0
+    # NaN spreads through the layers after the first: each is counted and named.
+    bad = sum(1 for rec in doc["layers"].values() if rec["nonfinite_inputs"])
+    assert f"MEASURE: {bad} layer(s) saw NaN/Inf inputs, left out of their statistics" in caplog_ds.text
+    quantized = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="QUANTIZE"))
+    for m in quantized.modules():
+        if isinstance(m, Fp8Linear):
+            for scale in (m.input_scale, m.weight_scale):
+                assert torch.isfinite(scale).all() and (scale > 0).all(), m.name
+
+
 def test_prepare_twice_is_refused(tmp_path):
     model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
     with pytest.raises(RuntimeError, match="already prepared"):

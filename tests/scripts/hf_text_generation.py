@@ -28,6 +28,7 @@ parser.add_argument("--exit_with_sys_exit", action="store_true", help="end with 
 # A flag of the script's own that happens to share the wrapper's name: it must stay the script's.
 parser.add_argument("--quant-config", dest="unrelated_quant_config", default=None)
 parser.add_argument("--report", default=None, help="append one JSON line per run; '{rank}' -> rank")
+parser.add_argument("--kill_rank", type=int, default=None, help="this rank SIGKILLs itself after generating")
 args = parser.parse_args()
 
 world_size = int(os.getenv("WORLD_SIZE", "1"))
@@ -67,6 +68,11 @@ if args.report:
     path = args.report.replace("{rank}", str(rank))
     with open(path, "a") as f:
         f.write(json.dumps(report) + "\n")
+
+if args.kill_rank == rank:  # a rank lost mid-MEASURE: before anything is saved
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 if args.exit_with_sys_exit:
     sys.exit(0)
