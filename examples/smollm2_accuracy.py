@@ -48,24 +48,27 @@ METHODS = ("unit_scale", "maxabs_hw", "maxabs_pow2", "maxabs_hw_opt_weight", "ma
            "act_maxabs_pow2_weights_pcs_opt_pow2", "act_dynamic_per_token_weights_pcs")
 # The default rows: every scale method with lm_head in bf16, lm_head in FP8 for two, input backoffs.
 DEFAULT_ROWS = ("maxabs_hw+lm_head", "pcs_opt+lm_head", *METHODS, "pcs_opt@in0.5", "pcs_opt@in1.0",
-                "pcs_opt-k_proj")
+                "pcs_opt-k_proj", "pcs_pow2#o8", "pcs_pow2#o16")
 
 
 def variant(name: str) -> dict:
     """A row's QUANTIZE keys from its name: METHOD (a scale method or an ALIASES key), then modifiers:
     `+lm_head` lm_head in FP8 (else bf16), `@inX` / `@wX` input / weight backoff X, `-PROJ` every PROJ
-    (e.g. k_proj) in bf16 too. E.g. `pcs_opt@in0.125-k_proj`."""
+    (e.g. k_proj) in bf16 too, `#oK` outlier_channels K. E.g. `pcs_opt@in0.125-k_proj`, `pcs_pow2#o8`."""
     import re
 
-    m = re.fullmatch(r"([a-z0-9_]+)((?:\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+)*)", name)
+    m = re.fullmatch(r"([a-z0-9_]+)((?:\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+|#o[0-9]+)*)", name)
     if m is None:
-        raise SystemExit(f"smollm2_accuracy: row name {name!r}: METHOD[+lm_head][@inX][@wX][-PROJ]")
-    mods = re.findall(r"\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+", m.group(2))
+        raise SystemExit(f"smollm2_accuracy: row name {name!r}: METHOD[+lm_head][@inX][@wX][-PROJ][#oK]")
+    mods = re.findall(r"\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+|#o[0-9]+", m.group(2))
     blocked = [] if "+lm_head" in mods else ["lm_head"]
     blocked += [rf"\.{x[1:]}$" for x in mods if x.startswith("-")]
     params = {("input_backoff" if x.startswith("@in") else "weight_backoff"): float(x.lstrip("@inw"))
               for x in mods if x.startswith("@")}
     keys = {"scale_method": ALIASES.get(m.group(1), m.group(1)), "blocklist": {"types": [], "names": blocked}}
+    for x in mods:
+        if x.startswith("#o"):
+            keys["outlier_channels"] = int(x[2:])
     return {**keys, "scale_params": params} if params else keys
 
 
