@@ -147,6 +147,7 @@ class QuantConfig:
     scale_method_overrides: tuple[tuple[str, ScaleMethod], ...] = ()  # (name regex, method), first match wins
     act_scope: ActScope = ActScope.GLOBAL
     auto_blocklist_sqnr_db: float | None = None  # report.quantize_with_report: layers below stay high precision
+    outlier_channels: int = 0  # QUANTIZE: each linear's K largest measured input channels stay high precision
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -193,6 +194,7 @@ class QuantConfig:
             scale_method_overrides=_parse_overrides(data.get("scale_method_overrides", {}), source),
             act_scope=ActScope.parse(data.get("act_scope", "global"), "act_scope", source),
             auto_blocklist_sqnr_db=_parse_sqnr_db(data.get("auto_blocklist_sqnr_db"), source),
+            outlier_channels=_parse_outlier_channels(data.get("outlier_channels", 0), source),
             source=source,
         )
         cfg._check_combinations()
@@ -247,7 +249,15 @@ class QuantConfig:
 
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
-         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db")
+         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels")
+
+
+def _parse_outlier_channels(value: Any, source: str) -> int:
+    """`outlier_channels`: how many input channels per linear (the largest measured max-abs) stay high precision."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise ConfigError(f"{source}: key 'outlier_channels': {value!r} must be an integer in 0..256 (e.g. 8: each "
+                          "linear's 8 input channels of largest measured max-abs stay in high precision)")
+    return value
 
 
 def _parse_sqnr_db(value: Any, source: str) -> float | None:

@@ -7,6 +7,8 @@ built from the original with `from_original(...)` and never switches behaviour a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,12 +99,15 @@ class Fp8Linear(_TwinLinear):
 
     def __init__(self, name: str, layout: TPLayout, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
                  input_scale: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                 act_limit: float):
+                 act_limit: float, outliers: Outliers | None = None):
         super().__init__(name, layout, bias, out_dtype)
         self.weight = nn.Parameter(weight_fp8, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
         self.act_limit = act_limit  # +-fp8 max of the device profile (240 on Gaudi2)
+        # outlier_channels: local input channel indices (k,) and their weight columns (out_local, k), high precision
+        self.register_buffer("outlier_index", None if outliers is None else outliers.index, persistent=False)
+        self.register_buffer("outlier_weight", None if outliers is None else outliers.weight_hp, persistent=False)
 
     @property
     def rowwise(self) -> bool:
@@ -121,20 +126,30 @@ class Fp8Linear(_TwinLinear):
         dtype = fp8_dtype(config.fp8_config)
         profile = PROFILES[config.device_for_scales]
         w_hp = module.weight.detach()
+        if record is not None and record.get("weight_amax") is not None:
+            _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
+        outliers = split_outliers(record, layout, w_hp, config.outlier_channels) if record else None
+        if outliers is not None:
+            w_hp, record = outliers.weight_rest, outliers.record
         reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
         w_fp8, weight_scale = quantize_weight(w_hp, recipe, dtype, profile, config.weight_backoff, reduce_max,
                                               reduce_sum)
-        if record is not None and record.get("weight_amax") is not None:
-            _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
         input_scale = None
         if recipe.act is not Act.DYNAMIC:
             amax = torch.tensor(input_amax(record, layout, config.act_scope) if record else 0.0, device=w_hp.device)
             input_scale = input_to_scale(amax, recipe, dtype, profile, config.input_backoff)
-        return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype))
+        return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype),
+                   outliers)
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return ops.fp8_linear(x_local, self.weight, self.weight_scale, self.input_scale, self.out_dtype, bias,
-                              self.act_limit)
+        # Outlier channels: their weight columns are zero in FP8 (whatever the saturated cast makes of those
+        # inputs adds nothing); their exact contribution is added in high precision.
+        y = ops.fp8_linear(x_local, self.weight, self.weight_scale, self.input_scale, self.out_dtype, bias,
+                           self.act_limit)
+        if self.outlier_index is not None:
+            y = y + torch.matmul(x_local.index_select(-1, self.outlier_index).to(self.outlier_weight.dtype),
+                                 self.outlier_weight.t()).to(y.dtype)
+        return y
 
     def gemm_plan(self) -> str:
         """Which backend of ds_quant.ops serves this layer where its weight is now, per M."""
@@ -144,8 +159,41 @@ class Fp8Linear(_TwinLinear):
         act = "dynamic per-token" if self.input_scale is None else f"input_scale={float(self.input_scale):.4g}"
         w = "per-channel" if self.weight_scale.dim() else f"weight_scale={float(self.weight_scale):.4g}"
         gemm = self.gemm_plan()
+        hp = "" if self.outlier_index is None else f", {len(self.outlier_index)} outlier channel(s) high precision"
         return (f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, {self.weight.dtype}, "
-                f"{act}, {w}, {gemm}")
+                f"{act}, {w}{hp}, {gemm}")
+
+
+@dataclass(frozen=True)
+class Outliers:
+    """One rank's part of a layer's outlier channels (config `outlier_channels`, LLM.int8()-style decomposition)."""
+
+    index: torch.Tensor  # (k,) int64: local input channels
+    weight_hp: torch.Tensor  # (out_local, k): their weight columns, high precision
+    weight_rest: torch.Tensor  # (out_local, in_local): the weight with those columns zeroed, to quantize
+    record: dict  # the measurement without them: input_amax over the other channels
+
+
+def split_outliers(record: dict, layout: TPLayout, w_hp: torch.Tensor, k: int) -> Outliers | None:
+    """The K input channels of largest measured max-abs (model-level, so every TP size picks the same ones)
+    stay high precision; the input scale comes from the other channels. None when K = 0, the record has no
+    channel statistics, or the local weight is not a slice of them (sub-parameter layouts)."""
+    channels = record.get("input_channel_amax")
+    if k <= 0 or channels is None or len(channels) != record["in_features"] or k >= len(channels):
+        return None
+    ch = torch.as_tensor(channels, dtype=torch.float32)
+    top = torch.topk(ch, k).indices.sort().values
+    part = layout.input_slice() or slice(0, len(ch))
+    if part.stop - part.start != w_hp.shape[1]:
+        return None
+    local = top[(top >= part.start) & (top < part.stop)] - part.start
+    rest_channels = ch.clone()
+    rest_channels[top] = 0
+    rest = {**record, "input_amax": float(rest_channels.max()), "input_channel_amax": rest_channels.numpy()}
+    local = local.to(w_hp.device)
+    weight_rest = w_hp.clone()
+    weight_rest[:, local] = 0
+    return Outliers(local, w_hp[:, local].clone(), weight_rest, rest)
 
 
 def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:
