@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import measurements
+from . import kv_cache, measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
@@ -24,7 +24,7 @@ from .patch import (
     swap,
 )
 from .scales import RECIPES
-from .tp import TPLayout
+from .tp import TPLayout, spec_of
 
 _CONFIG_ATTR = "_ds_quant_config"
 
@@ -57,6 +57,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     model, experts_report = swap(model, experts, make_experts)
     report += experts_report
     _log_outcome(model, cfg, report)
+    kv_cache.install(model, cfg, lambda: _load_measurements(cfg, model))
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
         _save_at_exit(model)
@@ -69,20 +70,21 @@ def finish_measurements(model: nn.Module) -> str | None:
     cfg: QuantConfig | None = getattr(model, _CONFIG_ATTR, None)
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
     measured_experts = [m for m in model.modules() if isinstance(m, MeasuredExperts)]
-    if cfg is None or not (measured or measured_experts):
+    kv = kv_cache.records(model)
+    if cfg is None or not (measured or measured_experts or kv_cache.plan_of(model)):
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
-    rank, world, group = tp_position(measured.values())
+    rank, world, group = tp_position(measured.values()) if measured else model_tp(model)
     if world == 1 and current_rank() != 0:
         return None  # a replicated single-rank model: one writer is enough
     layers = {n: m.stats() for n, m in measured.items()}
     for m in measured_experts:  # one plain record per expert projection (experts are whole on every rank)
         layers.update(m.stats())
     dtype = str(next(iter(measured.values())).weight.dtype if measured else measured_experts[0].gate_up_proj.dtype
-                ).replace("torch.", "")
-    out = measurements.save(layers, cfg.dump_stats_path, rank, world, group, cfg.observer.value, dtype)
+                if measured_experts else next(model.parameters()).dtype).replace("torch.", "")
+    out = measurements.save(layers, cfg.dump_stats_path, rank, world, group, cfg.observer.value, dtype, kv)
     log = get_logger()
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
-             + (f" and merged {out} ({len(layers)} layers)" if out else ""))
+             + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
     if cfg.dump_stats_xlsx_path and out:
         from .workbook import write_from_files
 
@@ -138,6 +140,17 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
 
 
 # -- helpers for the above -------------------------------------------------------------------------------
+def model_tp(model: nn.Module) -> tuple[int, int, object]:
+    """(tp rank, tp size, group) from the model's DeepSpeed TP layers, patched or not."""
+    return tp_position(m.layout if isinstance(m, _TwinLinear) else TPLayout.of(m) for m in model.modules()
+                       if isinstance(m, _TwinLinear) or spec_of(m) is not None)
+
+
+def _load_measurements(cfg: QuantConfig, model: nn.Module) -> tuple[dict, str]:
+    rank, world, _ = model_tp(model)
+    return measurements.load_for_quantize(cfg.dump_stats_path, rank, world)
+
+
 def tp_position(items) -> tuple[int, int, object]:
     """(tp rank, tp size, group) of the first tensor-parallel layer; (0, 1, None) if there is none."""
     for item in items:
@@ -182,7 +195,8 @@ def _save_at_exit(model: nn.Module) -> None:
         if m is None or getattr(m, "_ds_quant_finished", False):
             return  # the script saved them itself
         measured = [x for x in m.modules() if isinstance(x, MeasuredLinear)]
-        if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()):
+        if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()) and \
+                kv_cache.plan_of(m) is None:
             return
         import torch.distributed as dist
 
