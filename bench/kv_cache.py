@@ -33,14 +33,15 @@ SIZES = {False: {"contexts": (1024, 8192), "steps": 12}, True: {"contexts": (102
 
 
 def cache_bytes(cache) -> int:
-    """Every tensor the cache's layers hold (walks their attributes: FP8 states, scales, empty bf16 slots)."""
-    total = 0
+    """Bytes allocated by every tensor the cache's layers hold (walks their attributes: FP8 buffers with their room
+    for more tokens, scales, the empty bf16 slots), each storage counted once."""
+    storages = {}
     for layer in cache.layers:
         for v in vars(layer).values():
             for t in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    return total
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> None:
@@ -79,8 +80,6 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
             for cache in (fp8, hf_fp8):  # the same prompt states
                 for i, layer in enumerate(bf16.layers):
                     cache.update(layer.keys, layer.values, i)
-            sizes = {name: cache_bytes(c) / c.get_seq_length() for name, c in
-                     (("bf16", bf16), ("fp8", fp8), ("hf_fp8", hf_fp8))}
             token = logits.argmax(-1, keepdim=True)
             times = {"bf16": [], "fp8": [], "hf_fp8": []}
             for _ in range(steps):
@@ -89,6 +88,8 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
                     quant(token, past_key_values=cache)
                     times[name].append(time.perf_counter() - t0)
             med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first step warms up
+            sizes = {name: cache_bytes(c) / c.get_seq_length() for name, c in  # after decoding: growth room counted
+                     (("bf16", bf16), ("fp8", fp8), ("hf_fp8", hf_fp8))}
             res["contexts"][str(ctx)] = {
                 "bytes_per_token": sizes, "fp8_bytes_ratio": sizes["fp8"] / sizes["bf16"],
                 "decode_s": med, "fp8_decode_speed_vs_bf16": med["bf16"] / med["fp8"],

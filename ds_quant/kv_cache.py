@@ -293,6 +293,23 @@ def cpu_kernel() -> bool:
         return False
 
 
+GROW_TOKENS = 64  # room a full FP8 buffer grows by: one copy per 64 decode steps instead of one per step
+
+
+def append_tokens(q_fp8: torch.Tensor, new_fp8: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) + (B, H, n, D) -> (B, H, S + n, D), a view of a buffer with room for GROW_TOKENS more (the
+    prompt's buffer is exact): appending writes only the new tokens, where torch.cat copies the whole cache."""
+    s, n = q_fp8.shape[2], new_fp8.shape[2]
+    base = q_fp8._base if q_fp8._base is not None else q_fp8
+    if base.shape[:2] != q_fp8.shape[:2] or base.shape[3] != q_fp8.shape[3] or base.dim() != 4 or \
+            s + n > base.shape[2] or base.data_ptr() != q_fp8.data_ptr():
+        fresh = q_fp8.new_empty((*q_fp8.shape[:2], s + n + (GROW_TOKENS if s else 0), q_fp8.shape[3]))
+        fresh[:, :, :s] = q_fp8
+        base = fresh
+    base[:, :, s:s + n] = new_fp8
+    return base[:, :, :s + n]
+
+
 class _Fp8KV:
     """Mixed into transformers' `Fp8QuantizedLayer` (5.x) or `DynamicLayer` (4.57): see the module docstring.
     `_quantized_keys` / `_quantized_values`: (FP8 tensor (B, H, S, D), float scale)."""
@@ -332,8 +349,8 @@ class _Fp8KV:
         first = self.cumulative_length == 0
         self.cumulative_length += key_states.shape[-2]
         (qk, ks), (qv, vs) = self._quantized_keys, self._quantized_values
-        self._quantized_keys = (torch.cat([qk, self._quantize(key_states, ks)], dim=-2), ks)
-        self._quantized_values = (torch.cat([qv, self._quantize(value_states, vs)], dim=-2), vs)
+        self._quantized_keys = (append_tokens(qk, self._quantize(key_states, ks)), ks)
+        self._quantized_values = (append_tokens(qv, self._quantize(value_states, vs)), vs)
         if first:  # the prompt attends to itself as it came, as in transformers' FP8 layer
             return key_states, value_states
         return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
@@ -406,7 +423,8 @@ def measured_layer_class() -> type:
 
 
 def describe(cache) -> dict:
-    """Layer types, storage dtypes and bytes of a cache (for tests, the bench and reports)."""
+    """Layer types, storage dtypes and bytes of a cache (for tests, the bench and reports): `bytes` is what the
+    layers' tensors allocate (an FP8 buffer's room for more tokens included), `held_bytes` what the tokens in it take."""
     layers = list(getattr(cache, "layers", []))
     tensors = []
     for layer in layers:
@@ -414,8 +432,9 @@ def describe(cache) -> dict:
             tensors += [layer._quantized_keys[0], layer._quantized_values[0]]
         elif getattr(layer, "keys", None) is not None:
             tensors += [layer.keys, layer.values]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
     return {"layer_types": [type(x).__name__ for x in layers],
             "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.numel()}),
-            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "bytes": sum(storages.values()), "held_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "scales": [(layer._quantized_keys[1], layer._quantized_values[1])
                        for layer in layers if isinstance(layer, _Fp8KV) and layer.is_initialized]}

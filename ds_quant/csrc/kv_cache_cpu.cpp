@@ -14,7 +14,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -50,41 +52,71 @@ inline void widen16_bf16(const uint8_t* src, uint16_t* dst, bool e4m3, __m512 mu
 }
 #endif
 
-at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_dtype) {
+at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_dtype,
+                      const std::optional<at::Tensor>& out_buf) {
   TORCH_CHECK(x_fp8.device().is_cpu(), "ds_quant_kv::dequantize: CPU tensors only");
   const bool e4m3 = x_fp8.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(e4m3 || x_fp8.scalar_type() == at::kFloat8_e5m2, "ds_quant_kv::dequantize: FP8 input expected");
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat,
               "ds_quant_kv::dequantize: out_dtype must be bfloat16, float16 or float32");
-  at::Tensor x = x_fp8.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  // Rows of contiguous bytes at a fixed stride: a (B, H, S, D) view of a cache buffer with room for more tokens
+  // (stride(1) = capacity * D) is read in place, not copied.
+  at::Tensor x = x_fp8;
+  const bool rows_ok = x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3) &&
+                       x.stride(0) == x.size(1) * x.stride(1);
+  if (!rows_ok) x = x.contiguous();
   const int64_t n = x.numel();
+  const int64_t rows = rows_ok ? x.size(0) * x.size(1) : 1;
+  const int64_t len = rows ? n / std::max<int64_t>(rows, 1) : 0;
+  const int64_t row_stride = rows_ok ? x.stride(1) : n;
+  at::Tensor out;
+  if (out_buf.has_value()) {  // a caller's buffer, reused across calls
+    TORCH_CHECK(out_buf->scalar_type() == out_dtype && out_buf->is_contiguous() && out_buf->numel() >= n,
+                "ds_quant_kv::dequantize: out must be contiguous, of out_dtype, with at least x.numel() elements");
+    out = out_buf->view(-1).narrow(0, 0, n).view(x.sizes());
+  } else {
+    out = at::empty(x.sizes(), x.options().dtype(out_dtype).memory_format(at::MemoryFormat::Contiguous));
+  }
   if (n == 0) return out;
-  const uint8_t* src = reinterpret_cast<const uint8_t*>(x.data_ptr());
+  const uint8_t* base = reinterpret_cast<const uint8_t*>(x.data_ptr());
   const float mul = static_cast<float>(scale) * (e4m3 ? 256.f : 1.f);
   constexpr int64_t kGrain = 1 << 15;
+  // Element i of the output: row i / len, column i % len of the input.
+  auto each_span = [&](int64_t a, int64_t b, auto&& span) {
+    while (a < b) {
+      const int64_t r = a / len, c = a % len, m = std::min(b - a, len - c);
+      span(base + r * row_stride + c, a, m);
+      a += m;
+    }
+  };
   if (out_dtype == at::kBFloat16) {
     uint16_t tab[256];
     for (int i = 0; i < 256; ++i) tab[i] = c10::BFloat16(scaled(static_cast<uint8_t>(i), e4m3, mul)).x;
     uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
     at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
-      int64_t i = a;
+      each_span(a, b, [&](const uint8_t* src, int64_t o, int64_t m) {
+        int64_t i = 0;
 #if defined(__AVX512F__)
-      const __m512 vmul = _mm512_set1_ps(mul);
-      for (; i + 16 <= b; i += 16) widen16_bf16(src + i, dst + i, e4m3, vmul);
+        const __m512 vmul = _mm512_set1_ps(mul);
+        for (; i + 16 <= m; i += 16) widen16_bf16(src + i, dst + o + i, e4m3, vmul);
 #endif
-      by_table(src + i, dst + i, b - i, tab);
+        by_table(src + i, dst + o + i, m - i, tab);
+      });
     });
   } else if (out_dtype == at::kHalf) {
     uint16_t tab[256];
     for (int i = 0; i < 256; ++i) tab[i] = c10::Half(scaled(static_cast<uint8_t>(i), e4m3, mul)).x;
     uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-    at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) { by_table(src + a, dst + a, b - a, tab); });
+    at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
+      each_span(a, b, [&](const uint8_t* src, int64_t o, int64_t m) { by_table(src, dst + o, m, tab); });
+    });
   } else {
     float tab[256];
     for (int i = 0; i < 256; ++i) tab[i] = scaled(static_cast<uint8_t>(i), e4m3, mul);
     float* dst = out.data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) { by_table(src + a, dst + a, b - a, tab); });
+    at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
+      each_span(a, b, [&](const uint8_t* src, int64_t o, int64_t m) { by_table(src, dst + o, m, tab); });
+    });
   }
   return out;
 }
@@ -92,7 +124,7 @@ at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_
 }  // namespace
 
 TORCH_LIBRARY(ds_quant_kv, m) {
-  m.def("dequantize(Tensor x_fp8, float scale, ScalarType out_dtype) -> Tensor");
+  m.def("dequantize(Tensor x_fp8, float scale, ScalarType out_dtype, Tensor? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ds_quant_kv, CPU, m) { m.impl("dequantize", &dequantize); }
