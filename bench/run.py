@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes, same keys (< 2 min on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--kv-cache", action="store_true", help="also the FP8 KV cache figures (bench/kv_cache.py, ~1 min)")
     args = p.parse_args(argv)
     q = 0 if args.quick else 1
     t_start = time.perf_counter()
@@ -170,8 +171,16 @@ def main(argv=None) -> int:
         res.update({k: tp[k] for k in ("weight_bytes_ratio", "measure_overhead", "prefill_speedup", "decode_speedup",
                                        "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")})
         res["tp"] = tp
+        if args.kv_cache:
+            from bench.kv_cache import kv_figures
+
+            res["kv_cache"] = kv_figures(args.quick, work)
     res["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(table(res))
+    if "kv_cache" in res:
+        from bench.kv_cache import table as kv_table
+
+        print(kv_table(res["kv_cache"], f"{res['meta']['cpu']} x{res['meta']['cores']}"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -106,9 +106,12 @@ _HQT_ONLY_VALUES = {
 # Module types ds_quant patches (class names, as HQT's `types` lists name them): from tp.py's table.
 # Fused MoE experts are matched by layout (experts.py); these are the names the type lists may use for them.
 EXPERTS_TYPES = ("MixtralExperts", "Qwen3MoeExperts")
-SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES
+# HQT's KV-cache type: the FP8 KV cache (kv_cache.py), selected like a module type, matched per layer by name
+# `{attention module}.kv_cache`; an empty allowlist (types and names) selects it too, as in HQT.
+KV_CACHE_TYPES = ("KVCache",)
+SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES + KV_CACHE_TYPES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
-HQT_OTHER_TYPES = ("Matmul", "Conv2d", "KVCache", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
+HQT_OTHER_TYPES = ("Matmul", "Conv2d", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
                    "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
                    "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
                    "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",

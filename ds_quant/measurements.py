@@ -150,9 +150,11 @@ def dumps(doc: Mapping) -> str:
     """Readable and diff-friendly: one header key per line, one layer per line."""
     if "layers" not in doc:
         return json.dumps(doc, indent=1) + "\n"
-    head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items() if k != "layers"]
-    layers = [f"  {json.dumps(n)}: {json.dumps(r)}" for n, r in doc.get("layers", {}).items()]
-    return "{\n" + ",\n".join(head + [' "layers": {\n' + ",\n".join(layers) + "\n }"]) + "\n}\n"
+    head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items() if k not in ("layers", "kv")]
+    sections = [f' {json.dumps(key)}: {{\n' + ",\n".join(f"  {json.dumps(n)}: {json.dumps(r)}" for n, r in
+                                                        doc[key].items()) + "\n }" for key in ("kv", "layers")
+                if key in doc]
+    return "{\n" + ",\n".join(head + sections) + "\n}\n"
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -220,6 +222,49 @@ def _validate(doc, where: str) -> None:
         raise MeasurementError(f"{where}: 'layers' must be an object of layer name -> statistics")
     for name, rec in doc["layers"].items():
         _validate_layer(name, rec, doc["kind"], where)
+    _validate_kv(doc.get("kv", {}), doc["kind"], where)
+
+
+# KV-cache records (ds_quant/kv_cache.py), in their own section "kv" (older files have none): per layer, the
+# per-head max-abs of keys and values; a shard holds this rank's heads, the merged file all of the model's.
+KV_KEYS = ("kind", "layer_idx", "model_heads", "heads", "key_head_amax", "value_head_amax", "samples")
+
+
+def _validate_kv(kv, file_kind: str, where: str) -> None:
+    if not isinstance(kv, dict):
+        raise MeasurementError(f"{where}: 'kv' must be an object of KV-cache name -> statistics")
+    for name, rec in kv.items():
+        missing = [k for k in KV_KEYS if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise MeasurementError(f"{where}: KV cache '{name}' has no '{missing[0]}'")
+        if rec["kind"] != "kv":
+            raise MeasurementError(f"{where}: KV cache '{name}': kind {rec['kind']!r}, expected 'kv'")
+        for key in ("key_head_amax", "value_head_amax"):
+            v = rec[key]
+            if not (isinstance(v, list) and len(v) == rec["heads"] and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                    for x in v)):
+                raise MeasurementError(f"{where}: KV cache '{name}': {key} must be {rec['heads']} finite numbers >= 0")
+        if file_kind == "merged" and rec["heads"] != rec["model_heads"]:
+            raise MeasurementError(f"{where}: KV cache '{name}': {rec['heads']} heads in a merged file, the model has "
+                                   f"{rec['model_heads']}")
+
+
+def merge_kv(name: str, recs: list[dict]) -> dict:
+    """One layer's KV records of ranks 0..N-1 -> the model's: AutoTP gives each rank a contiguous run of the KV
+    heads, in rank order, so the per-head vectors concatenate; heads replicated on every rank (fewer KV heads than
+    ranks) take the max."""
+    first, heads = recs[0], [r["heads"] for r in recs]
+    if sum(heads) == first["model_heads"]:
+        join = lambda key: [x for r in recs for x in r[key]]  # noqa: E731
+    elif all(h == first["model_heads"] for h in heads):
+        join = lambda key: np.max([r[key] for r in recs], axis=0).tolist()  # noqa: E731
+    else:
+        raise MeasurementError(f"KV cache '{name}': ranks hold {heads} heads, the model {first['model_heads']}: "
+                               "neither a split nor a replication of the heads")
+    return {"kind": "kv", "layer_idx": first["layer_idx"], "model_heads": first["model_heads"],
+            "heads": first["model_heads"], "key_head_amax": join("key_head_amax"),
+            "value_head_amax": join("value_head_amax"), "samples": max(r["samples"] for r in recs)}
 
 
 def _validate_layer(name: str, rec, file_kind: str, where: str) -> None:
@@ -268,12 +313,13 @@ def _header(kind: str, observer: str, dtype: str, world_size: int, layers: Mappi
 
 
 def make_shard(layers: Mapping[str, dict], rank: int, world_size: int, observer: str, dtype: str,
-               run: str | None = None) -> dict:
-    """`run`: an id every shard of one MEASURE run shares, so shards of two runs are never merged together."""
+               kv: Mapping[str, dict] | None = None, *, run: str | None = None) -> dict:
+    """`run`: an id every shard of one MEASURE run shares, so shards of two runs are never merged together.
+    `kv`: the KV-cache records of this rank (its heads)."""
     head = _header("shard", observer, dtype, world_size, layers)
     if run is not None:
         head["run"] = run
-    return {**head, "rank": rank, "layers": dict(layers)}
+    return {**head, "rank": rank, **({"kv": dict(kv)} if kv else {}), "layers": dict(layers)}
 
 
 def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
@@ -299,6 +345,12 @@ def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
     head["created"] = shards[0]["created"]  # keep merges byte-identical for the same shards
     if shards[0].get("run") is not None:
         head["run"] = shards[0]["run"]
+    kv_names = [set(s.get("kv", {})) for s in shards]
+    if any(k != kv_names[0] for k in kv_names):
+        raise MeasurementError(f"{where}: shards hold KV-cache records of different layers: "
+                               f"{sorted(set.union(*kv_names) - set.intersection(*kv_names))[:5]}")
+    if kv_names[0]:
+        head["kv"] = {n: merge_kv(n, [s["kv"][n] for s in shards]) for n in shards[0]["kv"]}
     return {**head, "layers": merged}
 
 
@@ -437,9 +489,9 @@ def remove_previous(prefix: str, rank: int) -> list[str]:
 
 
 def write_shard(layers: Mapping[str, dict], prefix: str, rank: int, world_size: int, observer: str, dtype: str,
-                run: str | None = None) -> dict:
+                run: str | None = None, kv: Mapping[str, dict] | None = None) -> dict:
     """Write this rank's shard (atomically) and return it, for the gather."""
-    shard = make_shard(layers, rank, world_size, observer, dtype, run)
+    shard = make_shard(layers, rank, world_size, observer, dtype, kv, run=run)
     atomic_write_json(shard_path(prefix, rank, world_size), shard)
     return shard
 

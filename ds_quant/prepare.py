@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import dist, measurements
+from . import dist, kv_cache, measurements
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
@@ -24,7 +24,7 @@ from .patch import (
     swap,
 )
 from .scales import RECIPES
-from .tp import TPLayout
+from .tp import TPLayout, spec_of
 
 _CONFIG_ATTR = "_ds_quant_config"
 
@@ -47,7 +47,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     targets = find(model, make_filter(cfg))
     experts = find(model, make_experts_filter(cfg))
     if cfg.mode is Mode.MEASURE:
-        run = _start_measure(cfg, targets, experts)
+        run = _start_measure(cfg, model, targets)
         make, make_experts = _measured_maker(cfg), _measured_experts_maker(cfg)
     else:
         make, make_experts = _fp8_makers(cfg, targets, experts)
@@ -58,6 +58,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     model, experts_report = swap(model, experts, make_experts)
     report += experts_report
     _log_outcome(model, cfg, report)
+    kv_cache.install(model, cfg, lambda: _load_measurements(cfg, model))
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
         model._ds_quant_run = run
@@ -71,16 +72,17 @@ def finish_measurements(model: nn.Module) -> str | None:
     cfg: QuantConfig | None = getattr(model, _CONFIG_ATTR, None)
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
     measured_experts = [m for m in model.modules() if isinstance(m, MeasuredExperts)]
-    if cfg is None or not (measured or measured_experts):
+    kv = kv_cache.records(model)
+    if cfg is None or not (measured or measured_experts or kv_cache.plan_of(model)):
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
-    rank, world, group = tp_position(measured.values())
+    rank, world, group = tp_position(measured.values()) if measured else model_tp(model)
     if world == 1 and current_rank() != 0:
         return None  # a replicated single-rank model: one writer is enough
     layers = {n: m.stats() for n, m in measured.items()}
     for m in measured_experts:  # one plain record per expert projection (experts are whole on every rank)
         layers.update(m.stats())
     dtype = str(next(iter(measured.values())).weight.dtype if measured else measured_experts[0].gate_up_proj.dtype
-                ).replace("torch.", "")
+                if measured_experts else next(model.parameters()).dtype).replace("torch.", "")
     log = get_logger()
     bad = {n: r["nonfinite_inputs"] for n, r in layers.items() if r.get("nonfinite_inputs")}
     if bad:
@@ -88,9 +90,9 @@ def finish_measurements(model: nn.Module) -> str | None:
         log.warning(f"MEASURE: {len(bad)} layer(s) saw NaN/Inf inputs, left out of their statistics (counted in the "
                     f"file as nonfinite_inputs): " + ", ".join(f"{n} ({c})" for n, c in worst[:5])
                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    out = _save(model, layers, cfg, rank, world, group, dtype)
+    out = _save(model, layers, cfg, rank, world, group, dtype, kv)
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
-             + (f" and merged {out} ({len(layers)} layers)" if out else ""))
+             + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
     if cfg.dump_stats_xlsx_path and out:
         from .workbook import write_from_files
 
@@ -105,25 +107,27 @@ def _group(group, world: int):
     return group if world > 1 else dist.LOCAL
 
 
-def _save(model: nn.Module, layers: dict, cfg: QuantConfig, rank: int, world: int, group, dtype: str) -> str | None:
+def _save(model: nn.Module, layers: dict, cfg: QuantConfig, rank: int, world: int, group, dtype: str,
+          kv: dict | None = None) -> str | None:
     """Every rank writes its shard; the shards are gathered (no shared filesystem needed) and TP rank 0 writes
     the merged file. Errors agree: every rank raises the same one."""
     prefix, run = cfg.dump_stats_path, getattr(model, "_ds_quant_run", None)
     g = _group(group, world)
-    shard = dist.agree(lambda: measurements.write_shard(layers, prefix, rank, world, cfg.observer.value, dtype, run),
+    shard = dist.agree(lambda: measurements.write_shard(layers, prefix, rank, world, cfg.observer.value, dtype, run,
+                                                                kv),
                        g, what="MEASURE: writing this rank's shard")
     shards = dist.all_gather_objects(shard, g)
     return dist.agree(lambda: measurements.write_merged(shards, prefix) if rank == 0 else None, g,
                       what="MEASURE: merging the shards")
 
 
-def _start_measure(cfg: QuantConfig, targets, experts) -> str:
+def _start_measure(cfg: QuantConfig, model: nn.Module, targets) -> str:
     """Before calibration: the dump path is writable with room to spare on every rank, files of an earlier run
     under the same prefix are gone (a run that dies cannot leave them for QUANTIZE to mistake for its own), and
     every rank holds the same run id, stamped on its shard. Returns the run id."""
     import uuid
 
-    rank, world, group = tp_position(TPLayout.of(m) for _, m in targets)
+    rank, world, group = tp_position(TPLayout.of(m) for _, m in targets) if targets else model_tp(model)
     g = _group(group, world)
     widths = [TPLayout.of(m).full_shape(*m.weight.shape)[1] for _, m in targets]
 
@@ -196,6 +200,17 @@ def read_measurements(prefix: str, world: int, group) -> tuple[dict, str]:
 
 
 # -- helpers for the above -------------------------------------------------------------------------------
+def model_tp(model: nn.Module) -> tuple[int, int, object]:
+    """(tp rank, tp size, group) from the model's DeepSpeed TP layers, patched or not."""
+    return tp_position(m.layout if isinstance(m, _TwinLinear) else TPLayout.of(m) for m in model.modules()
+                       if isinstance(m, _TwinLinear) or spec_of(m) is not None)
+
+
+def _load_measurements(cfg: QuantConfig, model: nn.Module) -> tuple[dict, str]:
+    _, world, group = model_tp(model)
+    return read_measurements(cfg.dump_stats_path, world, _group(group, world))
+
+
 def tp_position(items) -> tuple[int, int, object]:
     """(tp rank, tp size, group) of the first tensor-parallel layer; (0, 1, None) if there is none."""
     for item in items:
@@ -240,7 +255,8 @@ def _save_at_exit(model: nn.Module) -> None:
         if m is None or getattr(m, "_ds_quant_finished", False):
             return  # the script saved them itself
         measured = [x for x in m.modules() if isinstance(x, MeasuredLinear)]
-        if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()):
+        if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()) and \
+                kv_cache.plan_of(m) is None:
             return
         import torch.distributed as dist
 
