@@ -34,6 +34,9 @@ def install(config: QuantConfig | Mapping | str | os.PathLike | None = None,
     import deepspeed
 
     pinned = None if config is None else resolve_config(config)
+    from .load import install_from_pretrained
+
+    install_from_pretrained(lambda: pinned if pinned is not None else QuantConfig.from_env_or_args())
     if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False):
         if pinned is None and on_model is None:
             return
