@@ -142,8 +142,12 @@ class Fp8Folder:
     """An FP8 folder opened for reading: every header parsed and every FP8 layer's tensors checked up front,
     so a bad file fails at open, with one error naming it; then any rank reads just its slices."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, rename=None):
+        """`rename(file_key) -> model_key`: the model's own checkpoint key mapping (transformers renames some
+        legacy keys on load, e.g. GPT-NeoX's `embed_out.` -> `lm_head.`); tensors are then looked up by model key."""
         self.path = Path(folder)
+        self._rename = rename or (lambda k: k)
+        self.file_key: dict[str, str] = {}  # model key -> key in the file
         qc = read_config(self.path)
         if qc is None:
             raise CheckpointError(f"{self.path}: no compressed-tensors quantization_config in config.json")
@@ -189,8 +193,9 @@ class Fp8Folder:
         self._files[fname] = handle
         for k, v in header.items():
             if k != "__metadata__":
-                self.where[k] = fname
-                self.meta[k] = (v["dtype"], tuple(v["shape"]))
+                name = self._rename(k)
+                self.where[name], self.file_key[name] = fname, k
+                self.meta[name] = (v["dtype"], tuple(v["shape"]))
 
     def _find_layers(self) -> dict[str, Fp8Layer]:
         layers = {}
@@ -244,8 +249,8 @@ class Fp8Folder:
         handle = self._files[self.where[key]]
         try:
             if rows is None and cols is None:
-                return handle.get_tensor(key)
-            sl = handle.get_slice(key)
+                return handle.get_tensor(self.file_key[key])
+            sl = handle.get_slice(self.file_key[key])
             parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
             got = [sl[r] if cols is None else sl[r, cols] for r in parts]
             return got[0] if len(got) == 1 else torch.cat(got)

@@ -24,13 +24,14 @@ from .scales import PROFILES, RECIPES, Act, fp8_dtype, input_to_scale, quantize_
 _KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmHeadLinearAllreduce"}
 
 
-def model_linears(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """fqn -> (out, in) of every plain linear of the model the folder's config.json describes (built on meta,
-    no weights read), MoE routers excluded as prep_model excludes them."""
+def model_linears(model_dir: str | os.PathLike):
+    """({fqn: (out, in)} of every plain linear of the model the folder's config.json describes (built on meta,
+    no weights read; MoE routers excluded as prep_model excludes them), rename(file key) -> model key)."""
     import transformers
     from accelerate import init_empty_weights
     from torch import nn
 
+    from .load import key_renamer
     from .patch import routers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -43,7 +44,7 @@ def model_linears(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
     keep_hp = routers(model)
     return {fqn: (m.out_features, m.in_features) for fqn, m in model.named_modules()
             if isinstance(m, nn.Linear) and fqn not in keep_hp
-            and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}
+            and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}, key_renamer(model)
 
 
 def _selected(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
@@ -70,7 +71,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     _check_config(cfg)
     src = Path(model_dir)
     files = _source_files(src)
-    linears = model_linears(src)
+    linears, rename = model_linears(src)
     doc, where = _measurements(cfg, linears)
     records = doc["layers"] if doc else {}
     targets = {n for n, shape in linears.items() if _selected(cfg, n, records.get(n, {}).get("kind"))}
@@ -83,7 +84,8 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
         for fname in files:
             out = {}
             for key, get in _tensors(src / fname):
-                name = key[: -len(".weight")] if key.endswith(".weight") else None
+                model_key = rename(key)  # the module name may differ from the file's key (legacy names)
+                name = model_key[: -len(".weight")] if model_key.endswith(".weight") else None
                 if name not in targets:
                     out[key] = get()
                     bar.update()
@@ -97,12 +99,13 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                 _check_unchanged(name, w_hp, rec)
                 w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
                 del w_hp
+                prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
                 out[key] = w_fp8
-                out[f"{name}.weight_scale"] = w_scale.reshape(-1, 1) if w_scale.dim() else w_scale.reshape(1)
+                out[f"{prefix}.weight_scale"] = w_scale.reshape(-1, 1) if w_scale.dim() else w_scale.reshape(1)
                 if recipe.act is not Act.DYNAMIC:
                     amax = torch.tensor(rec["input_amax"] if rec else 0.0)
-                    out[f"{name}.input_scale"] = input_to_scale(amax, recipe, fp8, profile,
-                                                                cfg.input_backoff).reshape(1)
+                    out[f"{prefix}.input_scale"] = input_to_scale(amax, recipe, fp8, profile,
+                                                                  cfg.input_backoff).reshape(1)
                 schemes[name] = Scheme(recipe.weight_per_channel, recipe.act is not Act.DYNAMIC)
                 seen.add(name)
                 bar.update()

@@ -100,7 +100,7 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
     p = pending(model)
     error = None
     try:
-        folder = Fp8Folder(p.path)
+        folder = Fp8Folder(p.path, key_renamer(model))
         targets = [(fqn, m) for fqn, m in model.named_modules() if spec_of(m) is not None and fqn in folder.layers]
         _check_covered(model, folder, {fqn for fqn, _ in targets})
     except CheckpointError as e:
@@ -120,22 +120,51 @@ def _check_covered(model: nn.Module, folder: Fp8Folder, fp8: set[str]) -> None:
                               "TP class ds_quant handles); the checkpoint is for another model")
 
 
-def _local(module: nn.Module, fqn: str, full: tuple[int, ...], where) -> tuple[TPLayout, slice | None,
-                                                                                 slice | None]:
-    """(layout, rows, cols) of this rank's piece of a linear's full (out, in) weight."""
+def _local(module: nn.Module, fqn: str, full: tuple[int, ...], where):
+    """(layout, rows, cols) of this rank's piece of a linear's full (out, in) weight: rows a slice or a list of
+    slices (a fused layer's sub-parameters), cols a slice or None."""
     layout = TPLayout.of(module)
     spec = layout.spec
-    if spec is not PLAIN and (spec.sub_params or spec.weight_transposed):
-        raise CheckpointError(f"layer '{fqn}': DeepSpeed {type(module).__name__} cuts its weight per sub-parameter "
-                              "or transposed; loading its slices from a checkpoint is not implemented")
+    if spec is not PLAIN and spec.weight_transposed:
+        raise CheckpointError(f"layer '{fqn}': DeepSpeed {type(module).__name__} holds a transposed Conv1D weight; "
+                              "loading its slices from a checkpoint is not implemented")
     want = layout.full_shape(*module.weight.shape) if spec is not PLAIN else tuple(module.weight.shape)
     if tuple(full) != tuple(want):
         raise CheckpointError(f"{where}: layer '{fqn}' is {list(full)} in the checkpoint, {list(want)} in the "
                               "model; the checkpoint is for another model")
     if spec is PLAIN or layout.tp_size == 1:
         return layout, None, None
+    if spec.sub_params:
+        return layout, _sub_param_rows(module, *full), None
     part = slice(layout.shard_offset, layout.shard_offset + layout.partition_sizes[layout.tp_rank])
     return (layout, part, None) if spec.partitioned_dim == 0 else (layout, None, part)
+
+
+def _sub_param_rows(module: nn.Module, out_full: int, in_full: int) -> list[slice]:
+    """The rows of the full weight a fused / packed layer keeps on this rank, found by letting DeepSpeed cut a
+    tensor of row numbers exactly as it cuts the weight (its layouts depend on the model: qkv orders, heads,
+    uneven widths). The (out, in) index is a stride-0 view: only this rank's rows are ever materialised
+    (float32: exact up to 2^24 rows)."""
+    index = torch.arange(out_full, dtype=torch.float32)[:, None].expand(out_full, in_full)
+    probe = nn.Parameter(index, requires_grad=False)
+    module._tp_partition([probe, None])
+    rows = probe.data[:, 0].to("cpu", torch.int64).tolist()
+    if len(rows) != module.weight.shape[0]:
+        raise CheckpointError(f"layer '{getattr(module, 'name', '?')}': DeepSpeed's cut gives {len(rows)} rows, its "
+                              f"weight has {module.weight.shape[0]}")
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append(slice(rows[start], rows[i - 1] + 1))
+            start = i
+    return runs
+
+
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of an in-memory tensor (a per-channel scale) by the same selection as `Fp8Folder.read`."""
+    if rows is None or t.dim() == 0:
+        return t
+    return torch.cat([t[r] for r in rows]) if isinstance(rows, list) else t[rows]
 
 
 def _device(t: torch.Tensor) -> torch.device:
@@ -149,7 +178,7 @@ def _fp8_twin(folder: Fp8Folder, module: nn.Module, fqn: str) -> nn.Module:
     layout, rows, cols = _local(module, fqn, info.shape, folder.path)
     dev, dtype = _device(module.weight), module.weight.dtype
     w_fp8 = folder.read(f"{fqn}.weight", rows, cols).to(dev)
-    w_scale = info.weight_scale if info.weight_scale.dim() == 0 or rows is None else info.weight_scale[rows]
+    w_scale = _take(info.weight_scale, rows)
     bias = None
     if getattr(module, "bias", None) is not None:
         bias = folder.read(f"{fqn}.bias", rows if layout.kind is Kind.COLUMN else None).to(dev, dtype)
@@ -189,6 +218,25 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending) -> None:
             m = model.get_submodule(owner)
             m._buffers[bname] = (folder.read(name) if folder.has(name) else saved).to(_device(buffers[name]),
                                                                                         buffers[name].dtype)
+
+
+def key_renamer(model: nn.Module):
+    """file key -> the model's key, by the renames transformers applies when it loads this model's checkpoints
+    (its WeightRenaming transforms; other conversions, such as fused MoE experts, are not applied)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):
+        renames = []
+
+    def rename(key: str) -> str:
+        for t in renames:
+            key = t.rename_source_key(key)[0]
+        return key
+
+    return rename
 
 
 def _agree(error: Exception | None) -> None:

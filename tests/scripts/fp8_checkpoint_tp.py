@@ -1,0 +1,56 @@
+"""Under `deepspeed --num_gpus N`: for each case of PLAN (JSON list of {name, bf16, fp8, config}), load the bf16
+folder and quantize in memory, then load the FP8 folder (from_pretrained on meta, AutoTP, each rank reads its
+slices), both through ds_quant.install() + deepspeed.init_inference; every rank writes OUT_{rank}.json with the
+logits' equality, what was on meta before init_inference, and each FP8 layer's type, dtype and local shape.
+
+Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+from transformers import AutoModelForCausalLM
+
+import ds_quant
+from ds_quant.modules import Fp8Linear
+
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+plan, out = json.load(open(args[0])), args[1]
+world, rank = int(os.getenv("WORLD_SIZE", "1")), int(os.getenv("RANK", "0"))
+ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def load(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    on_meta = sum(p.device.type == "meta" for p in model.parameters())
+    model = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=torch.bfloat16,
+                                     replace_with_kernel_inject=False).module
+    with torch.no_grad():
+        return model, model(ids).logits.float(), on_meta
+
+
+results = {}
+for case in plan:
+    ds_quant.install(case["config"])
+    _, inmem, _ = load(case["bf16"])
+    model, ckpt, on_meta = load(case["fp8"])
+    _, bf16_twin = None, None
+    results[case["name"]] = {
+        "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),
+        "finite": bool(torch.isfinite(ckpt).all()), "params_on_meta_before_init_inference": on_meta,
+        "params_on_meta_after": sum(p.device.type == "meta" for p in model.parameters()),
+        "fp8_layers": {n: {"type": type(m).__name__, "dtype": str(m.weight.dtype), "shape": list(m.weight.shape),
+                           "kind": m.layout.kind.value, "ds_class": m.layout.spec and
+                           next((k for k, v in __import__("ds_quant.tp", fromlist=["x"]).DS_SPECS.items()
+                                 if v is m.layout.spec), "Linear")}
+                       for n, m in model.named_modules() if isinstance(m, Fp8Linear)},
+        "other_linears": {n: [type(m).__name__, str(m.weight.dtype), list(m.weight.shape)]
+                          for n, m in model.named_modules()
+                          if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+                          and not isinstance(m, Fp8Linear) and "embed" not in n and "wte" not in n},
+    }
+with open(f"{out}_{rank}.json", "w") as f:
+    json.dump(results, f, indent=1)
+print("done", rank, {k: v["equal"] for k, v in results.items()}, flush=True)
