@@ -39,8 +39,8 @@ def pending(model: nn.Module) -> Pending | None:
 
 # -- from_pretrained on meta ---------------------------------------------------------------------------------
 def install_from_pretrained(active) -> None:
-    """Make `PreTrainedModel.from_pretrained(FP8_DIR)` build on meta while `active()` returns a QUANTIZE config
-    (idempotent; does nothing where transformers is not installed)."""
+    """Make `PreTrainedModel.from_pretrained(FP8_DIR)` build on meta (idempotent; does nothing where transformers
+    is not installed). `active()` gives the config in force (None, QUANTIZE: load; MEASURE: refused)."""
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
@@ -55,9 +55,11 @@ def install_from_pretrained(active) -> None:
 
     @functools.wraps(original)
     def from_pretrained(cls, path, *args, **kwargs):
-        cfg = from_pretrained.__ds_quant_active__()
-        if cfg is not None and cfg.mode.value == "QUANTIZE" and isinstance(path, (str, os.PathLike)) \
-                and is_fp8_folder(path):
+        if isinstance(path, (str, os.PathLike)) and is_fp8_folder(path):
+            cfg = from_pretrained.__ds_quant_active__()  # none: the folder's scales are all a load needs
+            if cfg is not None and cfg.mode.value != "QUANTIZE":
+                raise CheckpointError(f"{path}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}; "
+                                      "measure the bf16 model")
             return build_on_meta(cls, path, kwargs)
         return original(cls, path, *args, **kwargs)
 
@@ -252,9 +254,17 @@ def _agree(error: Exception | None) -> None:
         raise error
 
 
-def compressed_linears(model: nn.Module) -> list[str]:
-    """Linears that hold an FP8 weight with a weight_scale: an FP8 folder loaded by compressed-tensors' own
-    loader, which AutoTP would cut apart from its scales."""
-    return [fqn for fqn, m in model.named_modules()
-            if getattr(m, "weight", None) is not None and m.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-            and hasattr(m, "weight_scale") and spec_of(m) is not None]
+def refuse_compressed(model) -> None:
+    """An FP8 folder loaded by compressed-tensors' own loader holds linears with an FP8 weight and a weight_scale;
+    AutoTP would cut the weights apart from their scales. Refuse it, saying how to load it instead."""
+    if not isinstance(model, nn.Module):
+        return
+    held = [fqn for fqn, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dtype in (torch.float8_e4m3fn,
+                                                                                          torch.float8_e5m2)
+            and hasattr(m, "weight_scale") and not hasattr(m, "layout")]
+    if held:
+        raise CheckpointError(f"layer '{held[0]}' (and {len(held) - 1} more) holds an FP8 weight with a weight_scale: "
+                              "an FP8 checkpoint loaded by compressed-tensors, whose scales AutoTP does not cut; call "
+                              "from_pretrained after ds_quant.install() (or run through launch/run.py) so ds_quant "
+                              "loads it")

@@ -50,10 +50,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         _log_outcome(model, cfg, report)
         setattr(model, _CONFIG_ATTR, cfg)
         return model
-    if held := fp8_load.compressed_linears(model):
-        raise ValueError(f"layer '{held[0]}' (and {len(held) - 1} more) holds an FP8 weight with a weight_scale: an "
-                         "FP8 checkpoint loaded by compressed-tensors, whose scales AutoTP does not cut; call "
-                         "from_pretrained after ds_quant.install() (or run through launch/run.py) so ds_quant loads it")
+    fp8_load.refuse_compressed(model)
     if any(isinstance(m, (_TwinLinear, _TwinExperts)) for m in model.modules()):
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
     targets = find(model, make_filter(cfg))

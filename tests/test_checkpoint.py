@@ -238,12 +238,14 @@ def test_hf_with_compressed_tensors_loads_our_folder(work):
     w, cases = work
     src, config = cases["llama_hw"]
     ours = logits(from_folder(w / "fp8_llama_hw", config))
-    fp8_load.install_from_pretrained(lambda: None)  # no active config: HF's own loader
-    hf = AutoModelForCausalLM.from_pretrained(w / "fp8_llama_hw", dtype=torch.bfloat16).eval()
+    from transformers import LlamaForCausalLM
+
+    hf_own = LlamaForCausalLM.from_pretrained.__func__.__wrapped__  # HF's loader, under ds_quant's patch
+    hf = hf_own(LlamaForCausalLM, w / "fp8_llama_hw", dtype=torch.bfloat16).eval()
     q = hf.model.layers[0].self_attn.q_proj
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (1,)  # compressed, as we wrote it
     # The trap: such a model must not reach prep_model (AutoTP would cut FP8 weights apart from their scales).
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' .* holds an FP8 weight"):
+    with pytest.raises(CheckpointError, match=r"layer .model\.layers\.0\.self_attn\.q_proj. .* holds an FP8 weight"):
         ds_quant.prep_model(hf, config)
     theirs = logits(hf)
     bf16 = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
