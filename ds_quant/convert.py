@@ -42,6 +42,12 @@ def model_linears(model_dir: str | os.PathLike):
         except ValueError:
             model = transformers.AutoModel.from_config(config)
     keep_hp = routers(model)
+    # a linear whose weight is tied to another module (lm_head = embed_tokens) stays as the file holds it
+    holders = {}
+    for fqn, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(fqn)
+    keep_hp |= {f for names in holders.values() if len(names) > 1 for f in names}
     return {fqn: (m.out_features, m.in_features) for fqn, m in model.named_modules()
             if isinstance(m, nn.Linear) and fqn not in keep_hp
             and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}, key_renamer(model)
