@@ -138,9 +138,9 @@ class Fp8Layer:
     input_scale: torch.Tensor | None  # float32 (); None: dynamic per token
 
 
-class Fp8Folder:
-    """An FP8 folder opened for reading: every header parsed and every FP8 layer's tensors checked up front,
-    so a bad file fails at open, with one error naming it; then any rank reads just its slices."""
+class SafetensorsFolder:
+    """The safetensors files of an HF folder, every header parsed at open (a truncated or corrupt file fails
+    here, with one error naming it); then tensors, or just a rank's slices of them, are read on demand."""
 
     def __init__(self, folder: str | os.PathLike, rename=None):
         """`rename(file_key) -> model_key`: the model's own checkpoint key mapping (transformers renames some
@@ -148,18 +148,11 @@ class Fp8Folder:
         self.path = Path(folder)
         self._rename = rename or (lambda k: k)
         self.file_key: dict[str, str] = {}  # model key -> key in the file
-        qc = read_config(self.path)
-        if qc is None:
-            raise CheckpointError(f"{self.path}: no compressed-tensors quantization_config in config.json")
-        self.quant_config = qc
-        self.extras = qc.get(EXTRA_KEY) or {}
-        self.act_limit = float(self.extras.get("act_limit", E4M3_MAX))
         self._files = {}  # file name -> safe_open handle
         self.where: dict[str, str] = {}  # tensor name -> file name
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # tensor name -> (safetensors dtype, shape)
         for fname in self._weight_files():
             self._open(fname)
-        self.layers = self._find_layers()
 
     def _weight_files(self) -> list[str]:
         index = self.path / INDEX_NAME
@@ -196,6 +189,46 @@ class Fp8Folder:
                 name = self._rename(k)
                 self.where[name], self.file_key[name] = fname, k
                 self.meta[name] = (v["dtype"], tuple(v["shape"]))
+
+    def _file_of(self, key: str) -> Path:
+        return self.path / self.where.get(key, "?")
+
+    def has(self, key: str) -> bool:
+        return key in self.where
+
+    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None) -> torch.Tensor:
+        """The tensor `key`, or only rows `rows` (a slice or several, concatenated) x columns `cols`."""
+        if key not in self.where:
+            raise CheckpointError(f"{self.path}: no tensor '{key}' in the checkpoint")
+        handle = self._files[self.where[key]]
+        try:
+            if rows is None and cols is None:
+                return handle.get_tensor(self.file_key[key])
+            sl = handle.get_slice(self.file_key[key])
+            parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
+            got = [sl[r] if cols is None else sl[r, cols] for r in parts]
+            return got[0] if len(got) == 1 else torch.cat(got)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self._file_of(key)}: reading tensor '{key}' failed ({type(e).__name__}: "
+                                  f"{e}); the file is corrupt: convert again") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.meta[key][1]
+
+
+class Fp8Folder(SafetensorsFolder):
+    """An FP8 folder opened for reading: besides the headers, every FP8 layer's tensors and scales are checked
+    up front; then any rank reads just its slices."""
+
+    def __init__(self, folder: str | os.PathLike, rename=None):
+        qc = read_config(folder)
+        if qc is None:
+            raise CheckpointError(f"{folder}: no compressed-tensors quantization_config in config.json")
+        self.quant_config = qc
+        self.extras = qc.get(EXTRA_KEY) or {}
+        self.act_limit = float(self.extras.get("act_limit", E4M3_MAX))
+        super().__init__(folder, rename)
+        self.layers = self._find_layers()
 
     def _find_layers(self) -> dict[str, Fp8Layer]:
         layers = {}
@@ -235,31 +268,6 @@ class Fp8Folder:
             raise CheckpointError(f"{self._file_of(key)}: tensor '{key}' holds zero, negative or non-finite "
                                   "scales; the checkpoint is corrupt: convert again")
         return t
-
-    def _file_of(self, key: str) -> Path:
-        return self.path / self.where.get(key, "?")
-
-    def has(self, key: str) -> bool:
-        return key in self.where
-
-    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None) -> torch.Tensor:
-        """The tensor `key`, or only rows `rows` (a slice or several, concatenated) x columns `cols`."""
-        if key not in self.where:
-            raise CheckpointError(f"{self.path}: no tensor '{key}' in the checkpoint")
-        handle = self._files[self.where[key]]
-        try:
-            if rows is None and cols is None:
-                return handle.get_tensor(self.file_key[key])
-            sl = handle.get_slice(self.file_key[key])
-            parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
-            got = [sl[r] if cols is None else sl[r, cols] for r in parts]
-            return got[0] if len(got) == 1 else torch.cat(got)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self._file_of(key)}: reading tensor '{key}' failed ({type(e).__name__}: "
-                                  f"{e}); the file is corrupt: convert again") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.meta[key][1]
 
 
 def _header_len(path: Path) -> int:

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from . import measurements
-from .checkpoint import CheckpointError, FolderWriter, Scheme, quantization_config
+from .checkpoint import (
+    CheckpointError,
+    FolderWriter,
+    Fp8Layer,
+    SafetensorsFolder,
+    Scheme,
+    quantization_config,
+)
 from .config import ActScope, ConfigError, Fp8Format, Mode, QuantConfig, resolve_config
 from .log import get_logger
 from .scales import PROFILES, RECIPES, Act, fp8_dtype, input_to_scale, quantize_weight, tensor_to_amax
@@ -96,23 +103,19 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                     out[key] = get()
                     bar.update()
                     continue
-                recipe = RECIPES[cfg.method_for(name)]
                 w_hp = get().to(dtype)
                 if tuple(w_hp.shape) != linears[name]:
                     raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(w_hp.shape)}, the model's "
                                           f"config says {list(linears[name])}")
-                rec = records.get(name)
-                _check_unchanged(name, w_hp, rec)
-                w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+                layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
                 del w_hp
                 prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
                 out[key] = w_fp8
-                out[f"{prefix}.weight_scale"] = w_scale.reshape(-1, 1) if w_scale.dim() else w_scale.reshape(1)
-                if recipe.act is not Act.DYNAMIC:
-                    amax = torch.tensor(rec["input_amax"] if rec else 0.0)
-                    out[f"{prefix}.input_scale"] = input_to_scale(amax, recipe, fp8, profile,
-                                                                  cfg.input_backoff).reshape(1)
-                schemes[name] = Scheme(recipe.weight_per_channel, recipe.act is not Act.DYNAMIC)
+                ws = layer.weight_scale
+                out[f"{prefix}.weight_scale"] = ws.reshape(-1, 1) if ws.dim() else ws.reshape(1)
+                if layer.input_scale is not None:
+                    out[f"{prefix}.input_scale"] = layer.input_scale.reshape(1)
+                schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
                 seen.add(name)
                 bar.update()
             writer.write_tensors(fname, out)
@@ -141,6 +144,63 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     get_logger().info(f"wrote {result}: {len(schemes)} FP8 linear(s), {len(linears) - len(schemes)} linear(s) "
                       f"left in {str(dtype).replace('torch.', '')} ({cfg.scale_method.value})")
     return result
+
+
+def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None):
+    """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
+    size (its statistics are reduced over the ranks to the whole tensor's)."""
+    recipe = RECIPES[cfg.method_for(name)]
+    fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
+    _check_unchanged(name, w_hp, record)
+    w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+    input_scale = None
+    if recipe.act is not Act.DYNAMIC:
+        amax = torch.tensor(record["input_amax"] if record else 0.0)
+        input_scale = input_to_scale(amax, recipe, fp8, profile, cfg.input_backoff).reshape(())
+    return Fp8Layer(name, tuple(w_hp.shape), w_scale, input_scale), w_fp8
+
+
+class QuantizingFolder(SafetensorsFolder):
+    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` and `read(fqn.weight, ...)`
+    quantize the whole weight once (one bf16 layer in memory, freed before the next) and hand out this rank's
+    slice, copied, so only the FP8 shard stays."""
+
+    def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype):
+        super().__init__(folder, rename)
+        self.cfg, self.dtype = cfg, dtype
+        self.act_limit = PROFILES[cfg.device_for_scales].fp8_max(fp8_dtype(cfg.fp8_config))
+        doc, _ = _measurements(cfg, wanted)
+        self.records = doc["layers"] if doc else {}
+        self.layers = _Lazy(self, wanted)
+        self._last: tuple[str, Fp8Layer, torch.Tensor] | None = None
+
+    def quantized(self, fqn: str) -> tuple[Fp8Layer, torch.Tensor]:
+        if self._last is None or self._last[0] != fqn:
+            self._last = None  # free the previous layer first
+            w_hp = SafetensorsFolder.read(self, f"{fqn}.weight").to(self.dtype)
+            self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
+        return self._last[1], self._last[2]
+
+    def read(self, key, rows=None, cols=None):
+        fqn = key[: -len(".weight")] if key.endswith(".weight") else None
+        if fqn not in self.layers:
+            return super().read(key, rows, cols)
+        w = self.quantized(fqn)[1]
+        parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
+        return torch.cat([w[r] if cols is None else w[r, cols] for r in parts])  # a copy: the full weight is freed
+
+
+class _Lazy(dict):
+    """fqn -> Fp8Layer, computed on first access (keys known up front)."""
+
+    def __init__(self, folder: QuantizingFolder, wanted):
+        super().__init__(dict.fromkeys(wanted))
+        self.folder = folder
+
+    def __getitem__(self, fqn):
+        if fqn not in self:
+            raise KeyError(fqn)
+        return self.folder.quantized(fqn)[0]
 
 
 def _check_config(cfg: QuantConfig) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, Fp8Folder, is_fp8_folder
+from .checkpoint import CheckpointError, Fp8Folder, SafetensorsFolder, is_fp8_folder
 from .log import get_logger, rank0_progress
 from .tp import PLAIN, Kind, TPLayout, spec_of
 
@@ -27,10 +27,18 @@ _PENDING = "_ds_quant_fp8_pending"
 _PATCHED = "__ds_quant_fp8_from_pretrained__"
 
 
+QUANTIZE_ON_LOAD_ENV = "DS_QUANT_QUANTIZE_ON_LOAD"
+
+
 @dataclass
 class Pending:
     path: str
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # DeepSpeed's to_empty wipes them
+    quantize: bool = False  # a bf16 folder, quantized layer by layer as each rank reads its slices
+
+
+def quantize_on_load() -> bool:
+    return os.environ.get(QUANTIZE_ON_LOAD_ENV, "0") not in ("", "0", "false", "False")
 
 
 def pending(model: nn.Module) -> Pending | None:
@@ -61,6 +69,10 @@ def install_from_pretrained(active) -> None:
                 raise CheckpointError(f"{path}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}; "
                                       "measure the bf16 model")
             return build_on_meta(cls, path, kwargs)
+        if quantize_on_load() and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            cfg = from_pretrained.__ds_quant_active__()
+            if cfg is not None and cfg.mode.value == "QUANTIZE":
+                return build_on_meta(cls, path, kwargs, quantize=True)
         return original(cls, path, *args, **kwargs)
 
     setattr(from_pretrained, _PATCHED, True)
@@ -68,19 +80,20 @@ def install_from_pretrained(active) -> None:
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
-def build_on_meta(cls, path, kwargs: dict) -> nn.Module:
-    """The model of FP8_DIR with every parameter on meta (buffers real), marked pending for the hook."""
+def build_on_meta(cls, path, kwargs: dict, quantize: bool = False) -> nn.Module:
+    """The model of FP8_DIR (or, with `quantize`, of a bf16 folder) with every parameter on meta (buffers real),
+    marked pending for the hook."""
     import transformers
     from accelerate import init_empty_weights
 
-    folder = Fp8Folder(path)  # validates before anything is built
+    folder = SafetensorsFolder(path) if quantize else Fp8Folder(path)  # validates before anything is built
     config = kwargs.get("config")
     config = copy.deepcopy(config) if isinstance(config, transformers.PretrainedConfig) else \
         transformers.AutoConfig.from_pretrained(path)
     config.__dict__.pop("quantization_config", None)
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if dtype in (None, "auto"):
-        dtype = getattr(torch, folder.extras.get("dtype", "bfloat16"))
+        dtype = getattr(torch, getattr(folder, "extras", {}).get("dtype", "bfloat16"))
     with init_empty_weights():
         model = cls._from_config(config, dtype=dtype)
     model.eval()
@@ -88,9 +101,10 @@ def build_on_meta(cls, path, kwargs: dict) -> nn.Module:
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     except OSError:
         pass
-    setattr(model, _PENDING, Pending(str(path), {n: b.detach().clone() for n, b in model.named_buffers()}))
-    get_logger().info(f"{path}: FP8 checkpoint ({len(folder.layers)} FP8 linears), model built on meta; each rank "
-                      "reads its slices at init_inference")
+    setattr(model, _PENDING, Pending(str(path), {n: b.detach().clone() for n, b in model.named_buffers()},
+                                     quantize))
+    what = "bf16 checkpoint, quantize-on-load" if quantize else f"FP8 checkpoint ({len(folder.layers)} FP8 linears)"
+    get_logger().info(f"{path}: {what}, model built on meta; each rank reads its slices at init_inference")
     return model
 
 
@@ -102,10 +116,10 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
     p = pending(model)
     error = None
     try:
-        folder = Fp8Folder(p.path, key_renamer(model))
+        folder = _quantizing_folder(model, p, cfg) if p.quantize else Fp8Folder(p.path, key_renamer(model))
         targets = [(fqn, m) for fqn, m in model.named_modules() if spec_of(m) is not None and fqn in folder.layers]
         _check_covered(model, folder, {fqn for fqn, _ in targets})
-    except CheckpointError as e:
+    except ValueError as e:  # CheckpointError, MeasurementError, ConfigError
         error = e
     _agree(error)
     model, report = swap(model, targets, functools.partial(_fp8_twin, folder),
@@ -113,6 +127,21 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
     _fill_rest(model, folder, p)
     delattr(model, _PENDING)
     return model, report
+
+
+def _quantizing_folder(model: nn.Module, p: Pending, cfg):
+    """Quantize-on-load: the linears in-memory QUANTIZE would swap (the same filter, on the TP layers)."""
+    from .convert import QuantizingFolder
+    from .patch import find, make_experts_filter, make_filter
+
+    if find(model, make_experts_filter(cfg)):
+        raise CheckpointError(f"{p.path}: quantize-on-load does not handle fused MoE experts yet; unset "
+                              f"{QUANTIZE_ON_LOAD_ENV} to quantize in memory")
+    targets = find(model, make_filter(cfg))
+    wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) if spec_of(m) is not PLAIN else tuple(m.weight.shape)
+              for fqn, m in targets}
+    dtype = targets[0][1].weight.dtype if targets else torch.bfloat16
+    return QuantizingFolder(p.path, key_renamer(model), cfg, wanted, dtype)
 
 
 def _check_covered(model: nn.Module, folder: Fp8Folder, fp8: set[str]) -> None:

@@ -151,6 +151,18 @@ def test_fp8_folder_loads_bitwise_equal_to_in_memory_quantize(work, case):
     assert torch.equal(logits(m), ref)
 
 
+@pytest.mark.parametrize("case", ["llama_pcs", "neox_block_head"])
+def test_quantize_on_load_is_bitwise_equal_to_in_memory_quantize(work, case, monkeypatch):
+    """A bf16 folder + measurements on the same meta path: each linear read, quantized, sliced, freed."""
+    w, cases = work
+    src, config = cases[case]
+    ref = logits(in_memory(src, config))
+    monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+    m = from_folder(src, config)
+    assert sum(isinstance(x, Fp8Linear) for x in m.modules()) == (29 if case.startswith("llama") else 8)
+    assert torch.equal(logits(m), ref)
+
+
 # -- errors ----------------------------------------------------------------------------------------------------
 def _copy(w: Path, name: str) -> Path:
     dst = w / f"bad_{name}"
@@ -260,7 +272,7 @@ def test_hf_with_compressed_tensors_loads_our_folder(work):
 # -- TP=2 through the real launcher ---------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
-    """One launch, three cases: column / row / lm-head slices (uneven MLP split in the tiny Llama: 352 rows),
+    """One launch, three cases from FP8 folders and two quantize-on-load: column / row / lm-head slices (uneven MLP split in the tiny Llama: 352 rows),
     per-channel scales and a dynamic lm_head, GPT-NeoX's fused qkv (rows of three sub-parameters) with biases,
     and a blocked lm_head read as bf16 slices."""
     w, cases = work
@@ -268,6 +280,9 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
     for name, (src, config) in cases.items():
         (w / f"{name}.json").write_text(json.dumps(config))
         plan.append({"name": name, "bf16": str(src), "fp8": str(w / f"fp8_{name}"), "config": str(w / f"{name}.json")})
+    for name in ("llama_pcs", "neox_block_head"):  # quantize-on-load: the bf16 folder itself, same meta path
+        plan.append({**plan[[p["name"] for p in plan].index(name)], "name": f"{name}_qol",
+                     "fp8": str(cases[name][0]), "quantize_on_load": True})
     (w / "plan.json").write_text(json.dumps(plan))
     deepspeed(2, ROOT / "tests" / "scripts" / "fp8_checkpoint_tp.py", str(w / "plan.json"), str(w / "tp2"),
               cwd=w, timeout=600)
