@@ -95,7 +95,10 @@ def build_on_meta(cls, path, kwargs: dict, quantize: bool = False) -> nn.Module:
     if dtype in (None, "auto"):
         dtype = getattr(torch, getattr(folder, "extras", {}).get("dtype", "bfloat16"))
     with init_empty_weights():
-        model = cls._from_config(config, dtype=dtype)
+        try:
+            model = cls._from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = cls._from_config(config, torch_dtype=dtype)
     model.eval()
     try:
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
