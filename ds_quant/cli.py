@@ -85,6 +85,23 @@ def report_cmd(args: argparse.Namespace) -> int:
         return 1
 
 
+# -- convert (FP8 checkpoint; issue 14) ---------------------------------------------------------------------------
+def convert_cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .convert import convert
+    from .measurements import MeasurementError
+
+    try:
+        out = convert(args.model_dir, args.out_dir, args.quant_config, getattr(torch, args.dtype))
+    except (ConfigError, MeasurementError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote FP8 checkpoint {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-quant", description="FP8 quantization for DeepSpeed AutoTP models")
     # deepspeed's launcher passes --local_rank to whatever it starts (`deepspeed --module ds_quant.cli report`)
@@ -121,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=report_cmd)
     # -- end report --
+    p = sub.add_parser("convert", help="write an FP8 HF folder (compressed-tensors float-quantized) from a bf16 "
+                       "safetensors folder and the merged measurements; any TP size loads it")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="must not exist (or be empty); written atomically")
+    p.add_argument("--quant-config", required=True, metavar="CFG", help="the QUANTIZE config (scale method, "
+                   "dump_stats_path of the measurements)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the dtype the model runs in (weights are cast to it before quantizing, as in-memory QUANTIZE sees them)")
+    p.set_defaults(func=convert_cmd)
     return parser
 
 

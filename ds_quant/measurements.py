@@ -546,6 +546,13 @@ def read_plan(prefix: str, seen: list[Mapping], world_size: int) -> tuple[str, d
     return "shards", plan, f"the {world} shards of {prefix} (no merged file)"
 
 
+def read_local(prefix: str) -> tuple[dict, str]:
+    """One process, no process group (`ds-quant convert`): the merged file, else the merge of the shards on disk."""
+    what, plan, where = read_plan(prefix, [local_sources(prefix)], 1)
+    docs = [load(p) for p in plan[0]]
+    return (docs[0] if what == "merged" else merge(docs, where=where)), where
+
+
 def check_layers(doc: dict, where: str, wanted: Mapping[str, tuple[int, int]]) -> None:
     """Every layer about to be quantized has statistics, with the same full (out, in) shape (files imported
     from HQT without a model may leave shapes null: those are not compared)."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import dist, kv_cache, measurements
+from . import load as fp8_load
 from .config import ConfigError, Mode, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
@@ -42,6 +43,14 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         get_logger().warning("auto_blocklist_sqnr_db needs calibration data, which prep_model does not have: it is "
                              "ignored here; use ds_quant.report.quantize_with_report(model, config, batches) or "
                              "`ds-quant report`")
+    if fp8_load.pending(model) is not None:  # from_pretrained of an FP8 folder built it on meta (load.py)
+        if cfg.mode is not Mode.QUANTIZE:
+            raise ConfigError(f"{cfg.source}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}")
+        model, report = fp8_load.load_pending(model, cfg)
+        _log_outcome(model, cfg, report)
+        setattr(model, _CONFIG_ATTR, cfg)
+        return model
+    fp8_load.refuse_compressed(model)
     if any(isinstance(m, (_TwinLinear, _TwinExperts)) for m in model.modules()):
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
     targets = find(model, make_filter(cfg))

@@ -50,7 +50,7 @@ class ByteTokenizer:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model directory (default: a tiny seeded Llama, "
+    p.add_argument("--model", default=None, help="HF model directory, bf16 or an FP8 folder from `ds-quant convert` (default: a tiny seeded Llama, "
                    f"built from {DEFAULT_CONFIG.relative_to(HERE.parent)})")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -108,7 +108,8 @@ def main() -> None:
                                       replace_with_kernel_inject=False)
     model = engine.module
     config = ds_quant.QuantConfig.from_env_or_args()
-    mode = config.mode.value if config else "bf16"
+    fp8_folder = any(isinstance(m, Fp8Linear) for m in model.modules())  # --model FP8_DIR needs no config
+    mode = config.mode.value if config else ("QUANTIZE" if fp8_folder else "bf16")
     label = "FP8" if mode == "QUANTIZE" else "bf16"  # MEASURE computes exactly what bf16 does
 
     with torch.no_grad():

@@ -1,0 +1,255 @@
+"""`ds-quant convert MODEL_DIR OUT_DIR --quant-config CFG`: a bf16 HF folder + the merged measurements -> an FP8
+folder (checkpoint.py), tensor by tensor.
+
+Each safetensors tensor is read through safe_open (mmap), a linear's weight is quantized with exactly the
+scales in-memory QUANTIZE gives it (model-level, so the TP size plays no role), and the source tensor is
+freed before the next. Peak memory: one output file's FP8 tensors + a few of the largest source tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import measurements
+from .checkpoint import (
+    CheckpointError,
+    FolderWriter,
+    Fp8Layer,
+    SafetensorsFolder,
+    Scheme,
+    quantization_config,
+)
+from .config import ActScope, ConfigError, Fp8Format, Mode, QuantConfig, resolve_config
+from .log import get_logger
+from .scales import PROFILES, RECIPES, Act, fp8_dtype, input_to_scale, quantize_weight, tensor_to_amax
+
+# The DeepSpeed class a measured kind came from, so a config's `types` lists select the same layers here.
+_KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmHeadLinearAllreduce"}
+
+
+def model_linears(model_dir: str | os.PathLike):
+    """({fqn: (out, in)} of every plain linear of the model the folder's config.json describes (built on meta,
+    no weights read; MoE routers excluded as prep_model excludes them), rename(file key) -> model key)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    from .load import key_renamer
+    from .patch import routers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config.__dict__.pop("quantization_config", None)
+    with init_empty_weights():
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            model = transformers.AutoModel.from_config(config)
+    keep_hp = routers(model)
+    # a linear whose weight is tied to another module (lm_head = embed_tokens) stays as the file holds it
+    holders = {}
+    for fqn, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(fqn)
+    keep_hp |= {f for names in holders.values() if len(names) > 1 for f in names}
+    return {fqn: (m.out_features, m.in_features) for fqn, m in model.named_modules()
+            if isinstance(m, nn.Linear) and fqn not in keep_hp
+            and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}, key_renamer(model)
+
+
+def _selected(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
+    names = {"Linear"} | ({_KIND_TYPE[kind]} if kind in _KIND_TYPE else set())
+    if not cfg.allowlist.is_empty() and not any(cfg.allowlist.matches(t, fqn) for t in names):
+        return False
+    return not any(cfg.blocklist.matches(t, fqn) for t in names)
+
+
+def _source_files(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise CheckpointError(f"{model_dir}: no model.safetensors nor model.safetensors.index.json; convert reads "
+                          "safetensors (save the model with save_pretrained(..., safe_serialization=True))")
+
+
+def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dtype: torch.dtype = torch.bfloat16,
+            progress: bool = True) -> Path:
+    """Write the FP8 folder OUT_DIR for MODEL_DIR with the config's scale method and measurements."""
+    cfg = resolve_config(config)
+    _check_config(cfg)
+    src = Path(model_dir)
+    files = _source_files(src)
+    linears, rename = model_linears(src)
+    doc, where = _measurements(cfg, linears)
+    records = doc["layers"] if doc else {}
+    targets = {n for n, shape in linears.items() if _selected(cfg, n, records.get(n, {}).get("kind"))}
+    fp8 = fp8_dtype(cfg.fp8_config)
+    profile = PROFILES[cfg.device_for_scales]
+    schemes, seen = {}, set()
+    writer = FolderWriter(out_dir)
+    try:
+        bar = _progress(src, files, progress)
+        for fname in files:
+            out = {}
+            for key, get in _tensors(src / fname):
+                model_key = rename(key)  # the module name may differ from the file's key (legacy names)
+                name = model_key[: -len(".weight")] if model_key.endswith(".weight") else None
+                if name not in targets:
+                    out[key] = get()
+                    bar.update()
+                    continue
+                w_hp = get().to(dtype)
+                if tuple(w_hp.shape) != linears[name]:
+                    raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(w_hp.shape)}, the model's "
+                                          f"config says {list(linears[name])}")
+                layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
+                del w_hp
+                prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
+                out[key] = w_fp8
+                ws = layer.weight_scale
+                out[f"{prefix}.weight_scale"] = ws.reshape(-1, 1) if ws.dim() else ws.reshape(1)
+                if layer.input_scale is not None:
+                    out[f"{prefix}.input_scale"] = layer.input_scale.reshape(1)
+                schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
+                seen.add(name)
+                bar.update()
+            writer.write_tensors(fname, out)
+            del out
+        bar.close()
+        missing = sorted(targets - seen)
+        if missing:
+            raise CheckpointError(f"{src}: no weight tensor for linear(s) {missing[:5]} in the safetensors files "
+                                  "(their keys differ from the module names?)")
+        writer.copy_files(src)
+        model_config = json.loads((src / "config.json").read_text())
+        extras = {"scale_method": cfg.scale_method.value, "device_for_scales": cfg.device_for_scales.value,
+                  "fp8_config": cfg.fp8_config.value, "act_limit": profile.fp8_max(fp8),
+                  "weight_backoff": cfg.weight_backoff, "input_backoff": cfg.input_backoff,
+                  "dtype": str(dtype).replace("torch.", ""),
+                  "scale_methods": {n: cfg.method_for(n).value for n in sorted(schemes)
+                                    if cfg.method_for(n) != cfg.scale_method},
+                  "measurements": None if doc is None else {"file": str(where), "fingerprint": doc["fingerprint"],
+                                                           "world_size": doc["world_size"]}}
+        model_config["quantization_config"] = quantization_config(schemes, sorted(set(linears) - set(schemes)),
+                                                                  extras)
+        result = writer.commit(model_config)
+    except BaseException:
+        writer.abort()
+        raise
+    get_logger().info(f"wrote {result}: {len(schemes)} FP8 linear(s), {len(linears) - len(schemes)} linear(s) "
+                      f"left in {str(dtype).replace('torch.', '')} ({cfg.scale_method.value})")
+    return result
+
+
+def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None):
+    """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
+    size (its statistics are reduced over the ranks to the whole tensor's)."""
+    recipe = RECIPES[cfg.method_for(name)]
+    fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
+    _check_unchanged(name, w_hp, record)
+    w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+    input_scale = None
+    if recipe.act is not Act.DYNAMIC:
+        amax = torch.tensor(record["input_amax"] if record else 0.0)
+        input_scale = input_to_scale(amax, recipe, fp8, profile, cfg.input_backoff).reshape(())
+    return Fp8Layer(name, tuple(w_hp.shape), w_scale, input_scale), w_fp8
+
+
+class QuantizingFolder(SafetensorsFolder):
+    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` and `read(fqn.weight, ...)`
+    quantize the whole weight once (one bf16 layer in memory, freed before the next) and hand out this rank's
+    slice, copied, so only the FP8 shard stays."""
+
+    def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype):
+        super().__init__(folder, rename)
+        self.cfg, self.dtype = cfg, dtype
+        self.act_limit = PROFILES[cfg.device_for_scales].fp8_max(fp8_dtype(cfg.fp8_config))
+        doc, _ = _measurements(cfg, wanted)
+        self.records = doc["layers"] if doc else {}
+        self.layers = _Lazy(self, wanted)
+        self._last: tuple[str, Fp8Layer, torch.Tensor] | None = None
+
+    def quantized(self, fqn: str) -> tuple[Fp8Layer, torch.Tensor]:
+        if self._last is None or self._last[0] != fqn:
+            self._last = None  # free the previous layer first
+            w_hp = SafetensorsFolder.read(self, f"{fqn}.weight").to(self.dtype)
+            self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
+        return self._last[1], self._last[2]
+
+    def read(self, key, rows=None, cols=None):
+        fqn = key[: -len(".weight")] if key.endswith(".weight") else None
+        if fqn not in self.layers:
+            return super().read(key, rows, cols)
+        w = self.quantized(fqn)[1]
+        parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
+        return torch.cat([w[r] if cols is None else w[r, cols] for r in parts])  # a copy: the full weight is freed
+
+
+class _Lazy(dict):
+    """fqn -> Fp8Layer, computed on first access (keys known up front)."""
+
+    def __init__(self, folder: QuantizingFolder, wanted):
+        super().__init__(dict.fromkeys(wanted))
+        self.folder = folder
+
+    def __getitem__(self, fqn):
+        if fqn not in self:
+            raise KeyError(fqn)
+        return self.folder.quantized(fqn)[0]
+
+
+def _check_config(cfg: QuantConfig) -> None:
+    if cfg.mode is not Mode.QUANTIZE:
+        raise ConfigError(f"{cfg.source}: convert needs a QUANTIZE config (mode is {cfg.mode.value})")
+    if cfg.fp8_config is not Fp8Format.E4M3:
+        raise ConfigError(f"{cfg.source}: fp8_config {cfg.fp8_config.value}: compressed-tensors checkpoints hold "
+                          "E4M3 (float8_e4m3fn) weights; use E4M3")
+    if cfg.act_scope is ActScope.RANK:
+        raise ConfigError(f"{cfg.source}: act_scope 'rank' gives each rank its own input scale, a checkpoint holds "
+                          "one per layer; use act_scope 'global'")
+
+
+def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):
+    needs = [n for n in linears if RECIPES[cfg.method_for(n)].needs_measurements]
+    if not needs:
+        return None, None
+    doc, where = measurements.read_local(cfg.dump_stats_path)
+    wanted = {n: linears[n] for n in needs if _selected(cfg, n, doc["layers"].get(n, {}).get("kind"))}
+    measurements.check_layers(doc, where, wanted)
+    return doc, where
+
+
+def _check_unchanged(name: str, w_hp: torch.Tensor, record: dict | None) -> None:
+    measured = None if record is None else record.get("weight_amax")
+    if measured is not None and float(tensor_to_amax(w_hp)) > measured * (1 + 1e-3) + 1e-12:
+        raise CheckpointError(f"layer '{name}': weight max-abs {float(tensor_to_amax(w_hp)):.6g} exceeds the "
+                              f"measured {measured:.6g}; the weights changed since MEASURE. Measure again.")
+
+
+def _tensors(path: Path):
+    """(key, loader) per tensor of one safetensors file, read lazily through safe_open (mmap)."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+        keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for key in keys:
+        yield key, (lambda k=key: f.get_tensor(k))
+
+
+def _progress(src: Path, files: list[str], enabled: bool):
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    total = 0
+    for fname in files:
+        with safe_open(str(src / fname), framework="pt") as f:
+            total += len(list(f.keys()))
+    return tqdm(total=total, desc="ds-quant convert", unit="tensor", disable=not enabled)

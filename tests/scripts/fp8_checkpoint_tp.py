@@ -1,0 +1,64 @@
+"""Under `deepspeed --num_gpus N`: for each case of PLAN (JSON list of {name, bf16, fp8, config}), load the bf16
+folder and quantize in memory, then load the FP8 folder (from_pretrained on meta, AutoTP, each rank reads its
+slices), both through ds_quant.install() + deepspeed.init_inference; every rank writes OUT_{rank}.json with the
+logits' equality, what was on meta before init_inference, and each FP8 layer's type, dtype and local shape.
+
+A case with "quantize_on_load": true loads its "fp8" entry (then a bf16 folder) with DS_QUANT_QUANTIZE_ON_LOAD=1.
+
+Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+from transformers import AutoModelForCausalLM
+
+import ds_quant
+import ds_quant.load
+from ds_quant.modules import Fp8Linear
+from ds_quant.tp import DS_SPECS
+
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+plan, out = json.load(open(args[0])), args[1]
+world, rank = int(os.getenv("WORLD_SIZE", "1")), int(os.getenv("RANK", "0"))
+ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def load(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    on_meta = sum(p.device.type == "meta" for p in model.parameters())
+    model = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=torch.bfloat16,
+                                     replace_with_kernel_inject=False).module
+    with torch.no_grad():
+        return model, model(ids).logits.float(), on_meta
+
+
+results, references = {}, {}
+for case in plan:
+    ds_quant.install(case["config"])
+    key = (case["bf16"], case["config"])  # in-memory QUANTIZE once per model and config
+    if key not in references:
+        references[key] = load(case["bf16"])[1]
+    inmem = references[key]
+    if case.get("quantize_on_load"):  # "fp8" is then the bf16 folder, quantized as each rank reads it
+        os.environ[ds_quant.load.QUANTIZE_ON_LOAD_ENV] = "1"
+    model, ckpt, on_meta = load(case["fp8"])
+    os.environ.pop(ds_quant.load.QUANTIZE_ON_LOAD_ENV, None)
+    results[case["name"]] = {
+        "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),
+        "finite": bool(torch.isfinite(ckpt).all()), "params_on_meta_before_init_inference": on_meta,
+        "params_on_meta_after": sum(p.device.type == "meta" for p in model.parameters()),
+        "fp8_layers": {n: {"type": type(m).__name__, "dtype": str(m.weight.dtype), "shape": list(m.weight.shape),
+                           "kind": m.layout.kind.value,
+                           "ds_class": next((k for k, v in DS_SPECS.items() if v is m.layout.spec), "Linear")}
+                       for n, m in model.named_modules() if isinstance(m, Fp8Linear)},
+        "other_linears": {n: [type(m).__name__, str(m.weight.dtype), list(m.weight.shape)]
+                          for n, m in model.named_modules()
+                          if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+                          and not isinstance(m, Fp8Linear) and "embed" not in n and "wte" not in n},
+    }
+with open(f"{out}_{rank}.json", "w") as f:
+    json.dump(results, f, indent=1)
+print("done", rank, {k: v["equal"] for k, v in results.items()}, flush=True)
