@@ -6,7 +6,6 @@ merged file, QUANTIZE from the shards alone, a rank killed mid-MEASURE, the reru
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,14 +20,6 @@ from tests.launcher import DEEPSPEED, ROOT, SHM_BUFFERS, deepspeed, free_port, l
 FAULTS = str(ROOT / "tests" / "scripts" / "dist_faults.py")
 SCRIPT = str(ROOT / "tests" / "scripts" / "hf_text_generation.py")
 RUN_PY = str(ROOT / "launch" / "run.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    spec = importlib.util.spec_from_file_location("make_tiny_hf_model", ROOT / "tests" / "scripts" / "make_tiny_hf_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.build(tmp_path_factory.mktemp("tiny_hf")))
 
 
 @pytest.mark.distributed

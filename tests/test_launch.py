@@ -189,14 +189,6 @@ def assert_merged(stats: Path, world_size: int) -> None:
     assert len(merged["layers"]["model.layers.0.mlp.down_proj"]["input_channel_amax"]) == 352  # full width
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    spec = importlib.util.spec_from_file_location("make_tiny_hf_model", ROOT / "tests" / "scripts" / "make_tiny_hf_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.build(tmp_path_factory.mktemp("tiny_hf")))
-
-
 @pytest.mark.distributed
 def test_deepspeed_tp2_measure_then_quantize_unmodified_script(tiny_model, tmp_path):
     """Through launch/measure_then_quantize.sh: two `deepspeed --num_gpus 2 launch/run.py` runs. The script
