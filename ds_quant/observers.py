@@ -42,13 +42,15 @@ class MaxAbsObserver:
         return x.masked_fill(bad, 0)
 
     def stats(self, weight_local: torch.Tensor) -> dict:
-        """Plain-Python statistics (float / list of float / None) for the shard file."""
+        """Statistics for the shard file: floats, ints, None, and the per-channel max-abs as a float32 numpy
+        array (pickled compactly by the gather and merged without a per-value conversion; the file writer
+        turns it into JSON numbers or the companion binary)."""
         channels = self.input_channel_amax.cpu()
         # An empty shard (DeepSpeed may give a rank 0 input channels) saw nothing: amax 0.
         input_amax = float(channels.max()) if channels.numel() else 0.0
         return {
             "input_amax": input_amax if self.measure_input else None,
-            "input_channel_amax": channels.tolist() if self.measure_input else None,
+            "input_channel_amax": channels.numpy() if self.measure_input else None,
             "output_amax": float(self.output_amax) if self.measure_output else None,
             "weight_amax": float(tensor_to_amax(weight_local)) if self.measure_params else None,
             "samples": int(self.samples),

@@ -38,7 +38,8 @@ def rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[list]]:
         header += [f"input_scale[{m.value}]", f"weight_scale[{m.value}]"]
     out = []
     for name, rec in doc["layers"].items():
-        channels = rec.get("input_channel_amax") or []
+        channels = rec.get("input_channel_amax")  # a list, or a float32 array from the companion binary
+        channels = [] if channels is None else channels
         row = [name, rec["kind"], rec["out_features"], rec["in_features"], rec.get("local_in_features", rec["in_features"]),
                rec["input_amax"], channel_outlier_ratio(channels), rec.get("output_amax"), rec.get("weight_amax"),
                rec["samples"]]
@@ -50,7 +51,7 @@ def rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[list]]:
 
 def channel_outlier_ratio(channels: Sequence[float]) -> float | None:
     """max / median of the per-input-channel max-abs (None when not measured)."""
-    if not channels:
+    if len(channels) == 0:
         return None
     med = statistics.median(channels)
     return float("inf") if med == 0 and max(channels) > 0 else (max(channels) / med if med else 1.0)
