@@ -287,3 +287,31 @@ def test_two_nodes_pdsh_measure_then_quantize_at_another_size(nodes, tiny_model,
     (quantized,) = runs_of(tmp_path / "q_0.jsonl")
     assert_module_types(quantized, "Fp8Linear", 1)
     assert "(measured at world size 2)" in out
+
+    # QUANTIZE on both nodes with the measurements on node 1 only (node 2's own shard moved away: it holds no
+    # measurement file at all): rank 0 reads the merged file and broadcasts it, nothing is copied by hand.
+    node1, node2 = state / "dsq-node1.local" / "stats", state / "dsq-node2.local" / "stats"
+    (node2 / "tiny_1_2.json").rename(tmp_path / "tiny_1_2.json")
+    hostfile = ["--hostfile", str(ROOT / "hostfiles" / "emulated_nodes"), "--launcher", "pdsh", "--num_gpus", "1"]
+
+    def quantize_on_both(tag: str) -> str:
+        out = launch([*exec_on_1, str(BIN / "deepspeed"), *hostfile, "--master_port", str(free_port()), RUN_PY,
+                      "--quant-config", quantize_cfg, SCRIPT, "--model", tiny_model, "--report", f"{tag}_{{rank}}.jsonl"],
+                     cwd=tmp_path, **ids)
+        for rank in (0, 1):
+            (quantized,) = runs_of(tmp_path / f"{tag}_{rank}.jsonl")
+            assert_module_types(quantized, "Fp8Linear", 2)
+        return out
+
+    out = quantize_on_both("q2")
+    local = f"{state}/local/stats/tiny"  # the path every node's config names: node-local on each
+    assert f"[ds_quant rank 0] INFO QUANTIZE with measurements from {local}.json" in out
+    assert f"dsq-node2: [ds_quant rank 1] INFO QUANTIZE with measurements from {local}.json" in out
+    assert sorted(p.name for p in node2.iterdir()) == []  # nothing was copied to node 2
+
+    # No merged file anywhere, each node holding its own rank's shard: the shards are read where they are,
+    # gathered and merged the same way on every rank.
+    (node1 / "tiny.json").unlink()
+    (tmp_path / "tiny_1_2.json").rename(node2 / "tiny_1_2.json")
+    out = quantize_on_both("q3")
+    assert f"the 2 shards of {local} (no merged file)" in out
