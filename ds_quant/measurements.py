@@ -362,12 +362,14 @@ def make_shard(layers: Mapping[str, dict], rank: int, world_size: int, observer:
 
 
 def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
-    """Model-level statistics from one shard per rank (any order). Deterministic: same input, same output."""
+    """Model-level statistics from one shard per rank (any order). Deterministic: same input, same output.
+    Channel vectors come back as lists of floats."""
     with gc_paused():
-        return _merge(shards, where)
+        return _merge(shards, where, lists=True)
 
 
-def _merge(shards: Iterable[Mapping], where: str) -> dict:
+def _merge(shards: Iterable[Mapping], where: str, lists: bool) -> dict:
+    # lists=False: vectors stay float32 arrays, for a merge that goes straight to a file.
     shards = sorted(shards, key=lambda s: s["rank"])
     if not shards:
         raise MeasurementError(f"{where}: no shards to merge")
@@ -384,7 +386,7 @@ def _merge(shards: Iterable[Mapping], where: str) -> dict:
         if s["layers"].keys() != shards[0]["layers"].keys():
             diff = sorted(set(s["layers"]) ^ set(shards[0]["layers"]))
             raise MeasurementError(f"{where}: shard of rank {s['rank']} has other layers than rank 0: {diff[:5]}")
-    merged = {name: _merge_layer(name, [s["layers"][name] for s in shards]) for name in shards[0]["layers"]}
+    merged = {name: _merge_layer(name, [s["layers"][name] for s in shards], lists) for name in shards[0]["layers"]}
     head = _header("merged", shards[0]["observer"], shards[0]["dtype"], world, merged)
     head["created"] = shards[0]["created"]  # keep merges byte-identical for the same shards
     if shards[0].get("run") is not None:
@@ -410,7 +412,7 @@ def _split_input_kinds() -> frozenset[str]:
     return SPLIT_INPUT_KINDS
 
 
-def _merge_layer(name: str, recs: list[dict]) -> dict:
+def _merge_layer(name: str, recs: list[dict], lists: bool = True) -> dict:
     first = recs[0]
     kind = first["kind"]
     vectors = [r.get("input_channel_amax") for r in recs]
@@ -422,16 +424,16 @@ def _merge_layer(name: str, recs: list[dict]) -> dict:
         if [len(v) for v in vectors] != list(sizes):
             raise MeasurementError(f"layer '{name}': slice lengths {[len(v) for v in vectors]} do not match "
                                    f"partition sizes {sizes}")
-        channels = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors]).tolist()
+        channels = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
     else:
         # Replicated input: every rank saw the same channels.
         if len({len(v) for v in vectors}) != 1:
             raise MeasurementError(f"layer '{name}': {kind} input is replicated, but ranks saw "
                                    f"{[len(v) for v in vectors]} channels")
-        channels = np.asarray(vectors, dtype=np.float32).max(axis=0).tolist()
+        channels = np.asarray(vectors, dtype=np.float32).max(axis=0)
     return {"kind": kind, "in_features": first["in_features"], "out_features": first["out_features"],
             "input_amax": _max_or_none([r["input_amax"] for r in recs]),
-            "input_channel_amax": channels,
+            "input_channel_amax": channels.tolist() if lists and channels is not None else channels,
             "output_amax": _max_or_none([r.get("output_amax") for r in recs]),
             "weight_amax": _max_or_none([r.get("weight_amax") for r in recs]),
             "samples": max(r["samples"] for r in recs),
@@ -487,7 +489,9 @@ def merge_files(prefix: str, world_size: int | None = None, out: str | None = No
             raise MeasurementError(f"foreign shards of {prefix}: {odd} (the other {len(groups[0][1])} have "
                                    f"{key}={groups[0][0]!r}); they come from another model or run")
     target = out or merged_path(prefix)
-    atomic_write_json(target, merge(shards.values(), where=f"shards of {prefix}"))
+    with gc_paused():
+        merged = _merge(shards.values(), where=f"shards of {prefix}", lists=False)
+    atomic_write_json(target, merged)
     return target
 
 
@@ -543,7 +547,9 @@ def write_shard(layers: Mapping[str, dict], prefix: str, rank: int, world_size: 
 
 def write_merged(shards: Iterable[Mapping], prefix: str) -> str:
     out = merged_path(prefix)
-    atomic_write_json(out, merge(shards, where=f"shards of {prefix}"))
+    with gc_paused():
+        merged = _merge(shards, where=f"shards of {prefix}", lists=False)
+    atomic_write_json(out, merged)
     return out
 
 
