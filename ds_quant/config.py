@@ -52,6 +52,7 @@ class Mode(_CaseInsensitiveEnum):
 
 class Observer(_CaseInsensitiveEnum):
     MAXABS = "maxabs"
+    SAVE = "save"  # maxabs statistics, plus the measured layers' inputs and outputs dumped (tensor_dump.py)
 
 
 class ScaleMethod(_CaseInsensitiveEnum):
@@ -97,7 +98,6 @@ class Fp8Format(_CaseInsensitiveEnum):
 _HQT_ONLY_VALUES = {
     "mode": {"NONE": "nothing to do; drop the config", "SHAPE": "shape dumps are Gaudi-only",
              "LOAD": "use QUANTIZE with the merged measurement file"},
-    "observer": {"save": "tensor dumps are not supported; use 'maxabs'"},
     "scale_method": {m: "SmoothQuant is not supported; use a maxabs or pcs method"
                      for m in ("smoothquant_weights_output_channel_maxabs_pow2",
                                "weaksmoothquant_weights_output_channel_maxabs_pow2", "smoothquant_opt")},
@@ -151,6 +151,7 @@ class QuantConfig:
     act_scope: ActScope = ActScope.GLOBAL
     auto_blocklist_sqnr_db: float | None = None  # report.quantize_with_report: layers below stay high precision
     outlier_channels: int = 0  # QUANTIZE: each linear's K largest measured input channels stay high precision
+    save_max_bytes: int = 1 << 30  # observer "save": the most bytes of tensors one rank keeps
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -198,6 +199,7 @@ class QuantConfig:
             act_scope=ActScope.parse(data.get("act_scope", "global"), "act_scope", source),
             auto_blocklist_sqnr_db=_parse_sqnr_db(data.get("auto_blocklist_sqnr_db"), source),
             outlier_channels=_parse_outlier_channels(data.get("outlier_channels", 0), source),
+            save_max_bytes=_parse_save_max_bytes(data.get("save_max_bytes", 1 << 30), source),
             source=source,
         )
         cfg._check_combinations()
@@ -252,7 +254,15 @@ class QuantConfig:
 
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
-         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels")
+         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels", "save_max_bytes")
+
+
+def _parse_save_max_bytes(value: Any, source: str) -> int:
+    """`save_max_bytes` (observer "save"): bytes of dumped tensors one rank keeps in memory and writes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: key 'save_max_bytes': {value!r} is not a whole number of bytes >= 0; "
+                          "e.g. 1073741824 (1 GiB, the default)")
+    return value
 
 
 def _parse_outlier_channels(value: Any, source: str) -> int:

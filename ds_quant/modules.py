@@ -65,6 +65,7 @@ class MeasuredLinear(_TwinLinear):
         super().__init__(name, layout, bias, weight.dtype)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares storage with the original
         self.observer = MaxAbsObserver(weight.shape[1], exclude, device=weight.device)
+        self.dump = None  # observer "save": the rank's TensorDump (tensor_dump.py), shared by its layers
 
     @classmethod
     def from_original(cls, module: nn.Module, name: str, config: QuantConfig) -> MeasuredLinear:
@@ -72,6 +73,8 @@ class MeasuredLinear(_TwinLinear):
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self.observer.observe_input(x_local)
+        if self.dump is not None:
+            self.dump.add(self.name, "input", x_local)
         if bias is not None:
             return F.linear(x_local, self.weight, bias)
         return torch.matmul(x_local, self.weight.transpose(-1, -2))  # as DeepSpeed's layers do
@@ -79,6 +82,8 @@ class MeasuredLinear(_TwinLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         self.observer.observe_output(y)  # the layer's real output: after allreduce / bias / gather
+        if self.dump is not None:
+            self.dump.add(self.name, "output", y)
         return y
 
     def stats(self) -> dict:

@@ -9,9 +9,9 @@ import weakref
 import torch
 from torch import nn
 
-from . import dist, kv_cache, measurements
+from . import dist, kv_cache, measurements, tensor_dump
 from . import load as fp8_load
-from .config import ConfigError, Mode, QuantConfig, resolve_config
+from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
 from .log import current_rank, get_logger, rank0_progress, verbose
 from .modules import Fp8Linear, MeasuredLinear, _TwinLinear
@@ -25,6 +25,7 @@ from .patch import (
     swap,
 )
 from .scales import RECIPES
+from .tensor_dump import TensorDump
 from .tp import TPLayout, spec_of
 
 _CONFIG_ATTR = "_ds_quant_config"
@@ -102,6 +103,12 @@ def finish_measurements(model: nn.Module) -> str | None:
     out = _save(model, layers, cfg, rank, world, group, dtype, kv)
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
              + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
+    dump = next((m.dump for m in measured.values() if m.dump is not None), None)
+    if dump is not None:
+        run = getattr(model, "_ds_quant_run", None)
+        path = dist.agree(lambda: dump.write(cfg.dump_stats_path, rank, world, run), _group(group, world),
+                          what="MEASURE: writing this rank's tensor dump")
+        log.info(f"wrote {path} ({len(dump.tensors)} tensors, {dump.saved_bytes / 2**20:.2f} MiB)")
     if cfg.dump_stats_xlsx_path and out:
         from .workbook import write_from_files
 
@@ -142,7 +149,8 @@ def _start_measure(cfg: QuantConfig, model: nn.Module, targets) -> str:
 
     def check() -> list[str]:
         measurements.check_writable(cfg.dump_stats_path, measurements.estimated_bytes(widths))
-        return measurements.remove_previous(cfg.dump_stats_path, rank)
+        return measurements.remove_previous(cfg.dump_stats_path, rank) + \
+            tensor_dump.remove_previous(cfg.dump_stats_path, rank)
 
     gone = dist.agree(check, g, what="MEASURE")
     if gone:
@@ -152,8 +160,12 @@ def _start_measure(cfg: QuantConfig, model: nn.Module, targets) -> str:
 
 # -- MEASURE / QUANTIZE makers -------------------------------------------------------------------------
 def _measured_maker(cfg: QuantConfig):
+    dump = TensorDump(cfg.save_max_bytes) if cfg.observer is Observer.SAVE else None  # one budget per rank
+
     def make(module: nn.Module, fqn: str) -> MeasuredLinear:
-        return MeasuredLinear.from_original(module, fqn, cfg)
+        m = MeasuredLinear.from_original(module, fqn, cfg)
+        m.dump = dump
+        return m
 
     return make
 

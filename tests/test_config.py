@@ -72,7 +72,6 @@ MALFORMED = [
     ({"method": "HOOKS", "fp8_config": "E4M4"}, ["key 'fp8_config'", "E4M3, E5M2"]),
     ({"method": "HOOKS", "measure_exclude": "OUTPUTS"}, ["key 'measure_exclude'", "did you mean 'OUTPUT'"]),
     ({"method": "HOOKS", "observer": "minmax"}, ["key 'observer'", "'minmax'", "maxabs"]),
-    ({"method": "HOOKS", "observer": "save"}, ["key 'observer'", "HQT value", "use 'maxabs'"]),
     ({"method": "HOOKS", "mode": "LOAD"}, ["key 'mode'", "HQT value", "QUANTIZE"]),
     ({"method": "HOOKS", "allowlist": ["lm_head"]}, ["key 'allowlist' must be an object", "types", "names"]),
     ({"method": "HOOKS", "blocklist": {"name": ["lm_head"]}}, ["unknown key 'blocklist.name'", "did you mean 'names'"]),

@@ -28,9 +28,9 @@ def runs(tmp_path_factory):
     for name, mode, method in [("measure", "MEASURE", "maxabs_hw"), ("quantize", "QUANTIZE", "maxabs_hw"),
                                ("pcs", "QUANTIZE", "act_maxabs_hw_weights_pcs_opt_pow2"),
                                ("dynamic", "QUANTIZE", "act_dynamic_per_token_weights_pcs")]:
-        (work / f"{name}.json").write_text(json.dumps(
-            {"method": "HOOKS", "mode": mode, "observer": "maxabs", "scale_method": method,
-             "dump_stats_path": "stats/tiny"}))
+        (work / f"{name}.json").write_text(json.dumps(  # MEASURE also dumps tensors (observer "save")
+            {"method": "HOOKS", "mode": mode, "observer": "save" if mode == "MEASURE" else "maxabs",
+             "scale_method": method, "dump_stats_path": "stats/tiny"}))
     out = {
         "measure": launch(2, "--quant-config", "measure.json", "--save-reference", "bf16.pt",
                           "--report", "measure_{rank}.json", cwd=work),
@@ -53,7 +53,8 @@ def report(work: Path, name: str) -> dict:
 
 def test_measure_writes_two_shards_and_one_merged_file(runs):
     work, out = runs
-    assert sorted(p.name for p in (work / "stats").iterdir()) == ["tiny.json", "tiny_0_2.json", "tiny_1_2.json"]
+    assert sorted(p.name for p in (work / "stats").iterdir()) == [
+        "tiny.json", "tiny_0_2.json", "tiny_1_2.json", "tiny_tensors_0_2.safetensors", "tiny_tensors_1_2.safetensors"]
     merged = json.loads((work / "stats" / "tiny.json").read_text())
     assert merged["kind"] == "merged" and merged["world_size"] == 2 and len(merged["layers"]) == 29
     # Model-level statistics: full widths, whatever TP size measured them.
@@ -65,6 +66,29 @@ def test_measure_writes_two_shards_and_one_merged_file(runs):
         assert set(rep["original_kinds"].values()) == {"column", "row", "lm-head"}
         assert set(rep["module_types"].values()) == {"MeasuredLinear"}
     assert "[ds_quant rank 1] INFO wrote stats/tiny_1_2.json" in out["measure"]
+
+
+def test_observer_save_dumps_each_ranks_own_view_at_tp2(runs):
+    """Each rank's dump holds what its TP layers saw: the local input slice of a row-parallel layer, the
+    replicated input and the local output slice of a column-parallel one, the allreduced output of a row one; and
+    its maxima are exactly the statistics of that rank's shard."""
+    from safetensors.torch import load_file
+
+    work, out = runs
+    dumps = [load_file(work / "stats" / f"tiny_tensors_{r}_2.safetensors") for r in (0, 1)]
+    shards = [json.loads((work / "stats" / f"tiny_{r}_2.json").read_text()) for r in (0, 1)]
+    down, q = "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"
+    # The row-parallel slices follow DeepSpeed's partition sizes (multiples of 64): 192 + 160 = 352.
+    assert [dumps[r][f"{down}.input.0"].shape[-1] for r in (0, 1)] == [192, 160]
+    for r in (0, 1):
+        assert dumps[r][f"{q}.input.0"].shape[-1] == 128 and dumps[r][f"{q}.output.0"].shape[-1] == 64
+        calls = sorted({k.rsplit(".", 1)[1] for k in dumps[r] if k.startswith(f"{down}.input.")})
+        top = max(dumps[r][f"{down}.input.{c}"].float().abs().max().item() for c in calls)
+        assert shards[r]["layers"][down]["input_amax"] == top
+    assert torch.equal(dumps[0][f"{q}.input.0"], dumps[1][f"{q}.input.0"])  # replicated input
+    assert torch.equal(dumps[0][f"{down}.output.0"], dumps[1][f"{down}.output.0"])  # after the allreduce
+    assert not torch.equal(dumps[0][f"{down}.input.0"], dumps[1][f"{down}.input.0"])
+    assert "[ds_quant rank 1] INFO wrote stats/tiny_tensors_1_2.safetensors" in out["measure"]
 
 
 def test_quantize_replaces_all_three_deepspeed_classes(runs):
