@@ -201,6 +201,9 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
+    import ds_quant
+
+    ds_quant.shutdown()  # barrier, unlink the shm buffers, destroy the group: an orderly exit (rc 0)
 
 
 # -- the driver ------------------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
                 "layer_types": kv_cache.describe(fp8)["layer_types"], "dtypes": kv_cache.describe(fp8)["dtypes"]}
     if rank == 0:
         Path(out).write_text(json.dumps(res, indent=1))
+    ds_quant.shutdown()  # an orderly exit: no gloo thread left to abort at interpreter shutdown
 
 
 def kv_figures(quick: bool = False, work: Path | None = None) -> dict:

@@ -256,6 +256,9 @@ def main() -> None:
     if rank() == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result) + "\n")
+    import ds_quant
+
+    ds_quant.shutdown()  # an orderly exit (rc 0, nothing left in /dev/shm)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,4 @@ for case in plan:
 with open(f"{out}_{rank}.json", "w") as f:
     json.dump(results, f, indent=1)
 print("done", rank, {k: v["equal"] for k, v in results.items()}, flush=True)
+ds_quant.shutdown()
