@@ -109,9 +109,12 @@ EXPERTS_TYPES = ("MixtralExperts", "Qwen3MoeExperts")
 # HQT's KV-cache type: the FP8 KV cache (kv_cache.py), selected like a module type, matched per layer by name
 # `{attention module}.kv_cache`; an empty allowlist (types and names) selects it too, as in HQT.
 KV_CACHE_TYPES = ("KVCache",)
-SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES + KV_CACHE_TYPES
+# HQT's attention types (attention.py): opt-in, by naming them in the allowlist's types; naming them there does not
+# narrow the allowlist for the other types.
+ATTENTION_TYPES = ("Matmul", "Softmax")
+SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES + KV_CACHE_TYPES + ATTENTION_TYPES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
-HQT_OTHER_TYPES = ("Matmul", "Conv2d", "VLLMKVCache", "Softmax", "FusedSDPA", "ModuleFusedSDPA",
+HQT_OTHER_TYPES = ("Conv2d", "VLLMKVCache", "FusedSDPA", "ModuleFusedSDPA",
                    "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
                    "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
                    "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",
@@ -127,6 +130,11 @@ class ModuleFilter:
 
     def is_empty(self) -> bool:
         return not self.types and not self.names
+
+    def narrows(self) -> bool:
+        """As an allowlist: does it narrow the modules patched? Empty, or naming only the opt-in attention types
+        (`Matmul`, `Softmax`), it selects every supported module, as HQT's empty allowlist does."""
+        return bool(self.names) or any(t not in ATTENTION_TYPES for t in self.types)
 
     def matches(self, module_type_name: str, fqn: str) -> bool:
         return module_type_name in self.types or any(re.search(p, fqn) for p in self.names)

@@ -97,7 +97,7 @@ def selected(cfg: QuantConfig, name: str) -> bool:
     """HQT's rule, as for linears: in the allowlist (types or names; both empty = every supported type) and in
     neither blocklist list."""
     allow, block = cfg.allowlist, cfg.blocklist
-    if not allow.is_empty() and not allow.matches(KV_TYPE, name):
+    if allow.narrows() and not allow.matches(KV_TYPE, name):
         return False
     return not block.matches(KV_TYPE, name)
 

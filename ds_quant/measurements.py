@@ -24,8 +24,9 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -252,32 +253,61 @@ def _validate(doc, where: str) -> None:
         raise MeasurementError(f"{where}: 'layers' must be an object of layer name -> statistics")
     for name, rec in doc["layers"].items():
         _validate_layer(name, rec, doc["kind"], where)
-    _validate_kv(doc.get("kv", {}), doc["kind"], where)
+    for section in SECTIONS.values():
+        section.validate(doc.get(section.key, {}), doc["kind"], where)
 
 
-# KV-cache records (ds_quant/kv_cache.py), in their own section "kv" (older files have none): per layer, the
-# per-head max-abs of keys and values; a shard holds this rank's heads, the merged file all of the model's.
+# -- record kinds ----------------------------------------------------------------------------------------------
+# A file holds one section per record kind: "layers" (linears and expert projections: the hot path, validated and
+# merged by _validate_layer / _merge_layer below, 64,000 records for 64 ranks x 1,000 layers), and the sections of
+# SECTIONS, each a `Section` with its required keys, its per-record check and its merge rule. Files written before
+# a section existed have none, and load as before.
+class Section(NamedTuple):  # not a dataclass: this file also loads on its own, outside the package
+    key: str  # the file's section name
+    kind: str  # every record's "kind"
+    what: str  # for messages: "KV cache", "attention"
+    keys: tuple[str, ...]  # required in every record
+    check: Callable[[str, dict, str, str], None]  # (name, record, file kind, where): raise MeasurementError
+    merge: Callable[[str, list[dict]], dict]  # one record per rank, rank order -> the model's
+
+    def validate(self, records, file_kind: str, where: str) -> None:
+        if not isinstance(records, dict):
+            raise MeasurementError(f"{where}: '{self.key}' must be an object of {self.what} name -> statistics")
+        for name, rec in records.items():
+            missing = [k for k in self.keys if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise MeasurementError(f"{where}: {self.what} '{name}' has no '{missing[0]}'")
+            if rec["kind"] != self.kind:
+                raise MeasurementError(f"{where}: {self.what} '{name}': kind {rec['kind']!r}, expected '{self.kind}'")
+            self.check(name, rec, file_kind, where)
+
+    def merge_shards(self, shards: list[Mapping], where: str) -> dict | None:
+        names = [set(s.get(self.key, {})) for s in shards]
+        if any(n != names[0] for n in names):
+            raise MeasurementError(f"{where}: shards hold {self.what} records of different layers: "
+                                   f"{sorted(set.union(*names) - set.intersection(*names))[:5]}")
+        if not names[0]:
+            return None
+        return {n: self.merge(n, [s[self.key][n] for s in shards]) for n in shards[0][self.key]}
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+# KV-cache records (ds_quant/kv_cache.py), section "kv": per layer, the per-head max-abs of keys and values; a shard
+# holds this rank's heads, the merged file all of the model's.
 KV_KEYS = ("kind", "layer_idx", "model_heads", "heads", "key_head_amax", "value_head_amax", "samples")
 
 
-def _validate_kv(kv, file_kind: str, where: str) -> None:
-    if not isinstance(kv, dict):
-        raise MeasurementError(f"{where}: 'kv' must be an object of KV-cache name -> statistics")
-    for name, rec in kv.items():
-        missing = [k for k in KV_KEYS if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise MeasurementError(f"{where}: KV cache '{name}' has no '{missing[0]}'")
-        if rec["kind"] != "kv":
-            raise MeasurementError(f"{where}: KV cache '{name}': kind {rec['kind']!r}, expected 'kv'")
-        for key in ("key_head_amax", "value_head_amax"):
-            v = rec[key]
-            if not (isinstance(v, list) and len(v) == rec["heads"] and all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
-                    for x in v)):
-                raise MeasurementError(f"{where}: KV cache '{name}': {key} must be {rec['heads']} finite numbers >= 0")
-        if file_kind == "merged" and rec["heads"] != rec["model_heads"]:
-            raise MeasurementError(f"{where}: KV cache '{name}': {rec['heads']} heads in a merged file, the model has "
-                                   f"{rec['model_heads']}")
+def _check_kv(name: str, rec: dict, file_kind: str, where: str) -> None:
+    for key in ("key_head_amax", "value_head_amax"):
+        v = rec[key]
+        if not (isinstance(v, list) and len(v) == rec["heads"] and all(_finite_number(x) for x in v)):
+            raise MeasurementError(f"{where}: KV cache '{name}': {key} must be {rec['heads']} finite numbers >= 0")
+    if file_kind == "merged" and rec["heads"] != rec["model_heads"]:
+        raise MeasurementError(f"{where}: KV cache '{name}': {rec['heads']} heads in a merged file, the model has "
+                               f"{rec['model_heads']}")
 
 
 def merge_kv(name: str, recs: list[dict]) -> dict:
@@ -295,6 +325,28 @@ def merge_kv(name: str, recs: list[dict]) -> dict:
     return {"kind": "kv", "layer_idx": first["layer_idx"], "model_heads": first["model_heads"],
             "heads": first["model_heads"], "key_head_amax": join("key_head_amax"),
             "value_head_amax": join("value_head_amax"), "samples": max(r["samples"] for r in recs)}
+
+
+# Attention records (ds_quant/attention.py), section "attention": per attention module, the max-abs of the query,
+# key, value and softmax output over this rank's heads; the model's is the max over ranks (per-tensor scales, the
+# same at every TP size).
+ATTENTION_KEYS = ("kind", "q_amax", "k_amax", "v_amax", "p_amax", "samples")
+
+
+def _check_attention(name: str, rec: dict, file_kind: str, where: str) -> None:
+    for key in ATTENTION_KEYS[1:5]:
+        if not _finite_number(rec[key]):
+            raise MeasurementError(f"{where}: attention '{name}': {key} is {rec[key]!r}, expected a finite number >= 0")
+
+
+def merge_attention(name: str, recs: list[dict]) -> dict:
+    return {"kind": "attention", **{k: max(r[k] for r in recs) for k in ATTENTION_KEYS[1:]}}
+
+
+SECTIONS = {s.key: s for s in (
+    Section("kv", "kv", "KV cache", KV_KEYS, _check_kv, merge_kv),
+    Section("attention", "attention", "attention", ATTENTION_KEYS, _check_attention, merge_attention),
+)}
 
 
 _LAYER_KEYS = ("kind", "in_features", "out_features", "input_amax", "samples")
@@ -352,13 +404,15 @@ def _header(kind: str, observer: str, dtype: str, world_size: int, layers: Mappi
 
 
 def make_shard(layers: Mapping[str, dict], rank: int, world_size: int, observer: str, dtype: str,
-               kv: Mapping[str, dict] | None = None, *, run: str | None = None) -> dict:
+               kv: Mapping[str, dict] | None = None, *, run: str | None = None,
+               attention: Mapping[str, dict] | None = None) -> dict:
     """`run`: an id every shard of one MEASURE run shares, so shards of two runs are never merged together.
-    `kv`: the KV-cache records of this rank (its heads)."""
+    `kv`, `attention`: this rank's records of those sections (see SECTIONS)."""
     head = _header("shard", observer, dtype, world_size, layers)
     if run is not None:
         head["run"] = run
-    return {**head, "rank": rank, **({"kv": dict(kv)} if kv else {}), "layers": dict(layers)}
+    sections = {k: dict(v) for k, v in (("kv", kv), ("attention", attention)) if v}
+    return {**head, "rank": rank, **sections, "layers": dict(layers)}
 
 
 def merge(shards: Iterable[Mapping], where: str = "shards") -> dict:
@@ -391,12 +445,10 @@ def _merge(shards: Iterable[Mapping], where: str, lists: bool) -> dict:
     head["created"] = shards[0]["created"]  # keep merges byte-identical for the same shards
     if shards[0].get("run") is not None:
         head["run"] = shards[0]["run"]
-    kv_names = [set(s.get("kv", {})) for s in shards]
-    if any(k != kv_names[0] for k in kv_names):
-        raise MeasurementError(f"{where}: shards hold KV-cache records of different layers: "
-                               f"{sorted(set.union(*kv_names) - set.intersection(*kv_names))[:5]}")
-    if kv_names[0]:
-        head["kv"] = {n: merge_kv(n, [s["kv"][n] for s in shards]) for n in shards[0]["kv"]}
+    for section in SECTIONS.values():
+        records = section.merge_shards(shards, where)
+        if records is not None:
+            head[section.key] = records
     return {**head, "layers": merged}
 
 
@@ -538,9 +590,10 @@ def remove_previous(prefix: str, rank: int) -> list[str]:
 
 
 def write_shard(layers: Mapping[str, dict], prefix: str, rank: int, world_size: int, observer: str, dtype: str,
-                run: str | None = None, kv: Mapping[str, dict] | None = None) -> dict:
+                run: str | None = None, kv: Mapping[str, dict] | None = None,
+                attention: Mapping[str, dict] | None = None) -> dict:
     """Write this rank's shard (atomically) and return it, for the gather."""
-    shard = make_shard(layers, rank, world_size, observer, dtype, kv, run=run)
+    shard = make_shard(layers, rank, world_size, observer, dtype, kv, run=run, attention=attention)
     atomic_write_json(shard_path(prefix, rank, world_size), shard)
     return shard
 

@@ -32,7 +32,7 @@ def make_filter(config: QuantConfig) -> Filter:
             return False
         # A checked nn.Linear subclass (FalconLinear) is also a "Linear" to the type lists.
         names = {type(module).__name__} | ({"Linear"} if spec is PLAIN else set())
-        if not config.allowlist.is_empty() and not any(config.allowlist.matches(t, fqn) for t in names):
+        if config.allowlist.narrows() and not any(config.allowlist.matches(t, fqn) for t in names):
             return False
         return not any(config.blocklist.matches(t, fqn) for t in names)
 
@@ -46,7 +46,7 @@ def make_experts_filter(config: QuantConfig) -> Filter:
         if not is_fused_experts(module):
             return False
         type_name = type(module).__name__
-        if not config.allowlist.is_empty() and not config.allowlist.matches(type_name, fqn):
+        if config.allowlist.narrows() and not config.allowlist.matches(type_name, fqn):
             return False
         return not config.blocklist.matches(type_name, fqn)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import weakref
 
 import torch
 from torch import nn
 
-from . import dist, kv_cache, measurements, tensor_dump
+from . import attention, dist, kv_cache, measurements, tensor_dump
 from . import load as fp8_load
 from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
@@ -68,7 +69,9 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     model, experts_report = swap(model, experts, make_experts)
     report += experts_report
     _log_outcome(model, cfg, report)
-    kv_cache.install(model, cfg, lambda: _load_measurements(cfg, model))
+    load = functools.lru_cache(maxsize=1)(lambda: _load_measurements(cfg, model))  # read once, if at all
+    kv_cache.install(model, cfg, load)
+    attention.install(model, cfg, load)
     setattr(model, _CONFIG_ATTR, cfg)
     if cfg.mode is Mode.MEASURE:
         model._ds_quant_run = run
@@ -82,8 +85,8 @@ def finish_measurements(model: nn.Module) -> str | None:
     cfg: QuantConfig | None = getattr(model, _CONFIG_ATTR, None)
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
     measured_experts = [m for m in model.modules() if isinstance(m, MeasuredExperts)]
-    kv = kv_cache.records(model)
-    if cfg is None or not (measured or measured_experts or kv_cache.plan_of(model)):
+    kv, attn = kv_cache.records(model), attention.records(model)
+    if cfg is None or not (measured or measured_experts or kv_cache.plan_of(model) or attention.sites_of(model)):
         raise RuntimeError("finish_measurements: this model was not prepared in MEASURE mode by ds_quant.prep_model")
     rank, world, group = tp_position(measured.values()) if measured else model_tp(model)
     if world == 1 and current_rank() != 0:
@@ -100,7 +103,7 @@ def finish_measurements(model: nn.Module) -> str | None:
         log.warning(f"MEASURE: {len(bad)} layer(s) saw NaN/Inf inputs, left out of their statistics (counted in the "
                     f"file as nonfinite_inputs): " + ", ".join(f"{n} ({c})" for n, c in worst[:5])
                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    out = _save(model, layers, cfg, rank, world, group, dtype, kv)
+    out = _save(model, layers, cfg, rank, world, group, dtype, kv, attn)
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
              + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
     dump = next((m.dump for m in measured.values() if m.dump is not None), None)
@@ -124,13 +127,13 @@ def _group(group, world: int):
 
 
 def _save(model: nn.Module, layers: dict, cfg: QuantConfig, rank: int, world: int, group, dtype: str,
-          kv: dict | None = None) -> str | None:
+          kv: dict | None = None, attn: dict | None = None) -> str | None:
     """Every rank writes its shard; the shards are gathered (no shared filesystem needed) and TP rank 0 writes
     the merged file. Errors agree: every rank raises the same one."""
     prefix, run = cfg.dump_stats_path, getattr(model, "_ds_quant_run", None)
     g = _group(group, world)
     shard = dist.agree(lambda: measurements.write_shard(layers, prefix, rank, world, cfg.observer.value, dtype, run,
-                                                                kv),
+                                                                kv, attn),
                        g, what="MEASURE: writing this rank's shard")
     shards = dist.all_gather_objects(shard, g)
     return dist.agree(lambda: measurements.write_merged(shards, prefix) if rank == 0 else None, g,

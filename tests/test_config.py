@@ -78,7 +78,7 @@ MALFORMED = [
     ({"method": "HOOKS", "blocklist": {"names": "lm_head"}}, ["key 'blocklist.names' must be a list of strings"]),
     ({"method": "HOOKS", "blocklist": {"names": ["lm_head("]}}, ["key 'blocklist.names'", "not a valid regex"]),
     ({"method": "HOOKS", "allowlist": {"types": ["Lienar"]}}, ["key 'allowlist.types'", "did you mean 'Linear'"]),
-    ({"method": "HOOKS", "allowlist": {"types": ["Matmul"]}}, ["key 'allowlist.types'", "'Matmul'",
+    ({"method": "HOOKS", "allowlist": {"types": ["FusedSDPA"]}}, ["key 'allowlist.types'", "'FusedSDPA'",
                                                                "not a module type ds_quant can quantize"]),
     ({"method": "HOOKS", "whitelist": {}, "allowlist": {}}, ["'whitelist' and 'allowlist'", "keep only 'allowlist'"]),
     ({"method": "HOOKS", "mode": "MEASURE", "measure_exclude": "ALL"}, ["key 'measure_exclude'", "'ALL'",

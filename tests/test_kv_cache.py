@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant import kv_cache, measurements
+from ds_quant import attention, kv_cache, measurements
 from ds_quant.config import ConfigError, QuantConfig
 from ds_quant.measurements import MeasurementError
 from ds_quant.scales import sqnr_db
@@ -56,8 +56,8 @@ def test_selection_follows_hqt_lists(tmp_path, lists, picked):
 def test_kvcache_type_accepted_in_allowlist_and_blocklist():
     QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["KVCache", "Linear"]}})
     QuantConfig.from_dict({"method": "HOOKS", "blocklist": {"types": ["KVCache"]}})
-    with pytest.raises(ConfigError, match="'Matmul' is not a module type ds_quant can quantize"):
-        QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["Matmul"]}})
+    with pytest.raises(ConfigError, match="'FusedSDPA' is not a module type ds_quant can quantize"):
+        QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["FusedSDPA"]}})
 
 
 # -- the layer: storage, round trip, saturation ------------------------------------------------------------------------
@@ -251,17 +251,30 @@ print(json.dumps({{"version": transformers.__version__, "greedy": kv_cache.descr
 def test_tp2_wrapped_generate_script_measure_then_quantize(tmp_path):
     """The unmodified script under launch/run.py: MEASURE records each rank's 2 of the 4 KV heads, merged in rank
     order (checked against a single-process MEASURE); QUANTIZE holds the returned caches (greedy, beam search,
-    reused) in FP8, with the same scales on both ranks and in a TP=1 QUANTIZE from the same file."""
+    reused) in FP8, with the same scales on both ranks and in a TP=1 QUANTIZE from the same file.
+    MEASURE names `Matmul` (HQT's attention type: opt-in, and it does not narrow the allowlist) so it records the
+    attention operands too; a third run, QUANTIZE_ATTN, runs FP8 attention matmuls + softmax beside the FP8 cache."""
     script = str(ROOT / "tests" / "scripts" / "kv_generate.py")
     runs = {}
-    for mode in ("MEASURE", "QUANTIZE"):
+    lists = {"MEASURE": {"allowlist": {"types": ["Matmul"]}}, "QUANTIZE": {},
+             "QUANTIZE_ATTN": {"allowlist": {"types": ["Matmul", "Softmax"]}}}
+    for mode in ("MEASURE", "QUANTIZE", "QUANTIZE_ATTN"):
         path = tmp_path / f"{mode}.json"
-        path.write_text(json.dumps({"method": "HOOKS", "mode": mode, "dump_stats_path": str(tmp_path / "meas/m")}))
+        path.write_text(json.dumps({"method": "HOOKS", "mode": mode.split("_")[0],
+                                    "dump_stats_path": str(tmp_path / "meas/m"), **lists[mode]}))
         deepspeed(2, str(ROOT / "launch" / "run.py"), "--quant-config", str(path), script, str(tmp_path / mode),
                   cwd=tmp_path, timeout=300)
         runs[mode] = [json.loads((tmp_path / f"{mode}_{r}.json").read_text()) for r in (0, 1)]
     merged = json.loads((tmp_path / "meas" / "m.json").read_text())
     assert sorted(merged["kv"]) == [f"model.layers.{i}.self_attn.kv_cache" for i in (0, 1)]
+    # attention: one record per attention module, the max over both ranks' heads; routed only where selected
+    assert sorted(merged["attention"]) == [f"model.layers.{i}.self_attn" for i in (0, 1)]
+    assert all(0 < r["q_amax"] and 0 < r["p_amax"] <= 1 for r in merged["attention"].values())
+    assert [r["attn_implementation"] for r in runs["QUANTIZE_ATTN"]] == ["ds_quant_fp8"] * 2
+    assert "ds_quant_fp8" not in {r["attn_implementation"] for r in runs["QUANTIZE"]}
+    attn = runs["QUANTIZE_ATTN"]
+    assert attn[0]["greedy_tokens"] == attn[1]["greedy_tokens"] and attn[0]["greedy_len"] == 32
+    assert all(x["dtypes"] == ["torch.float8_e4m3fn"] for r in attn for x in r["greedy"])
     for rank in (0, 1):
         m, q = runs["MEASURE"][rank], runs["QUANTIZE"][rank]
         assert [x["type"] for x in m["greedy"]] == ["MeasuredKVLayer"] * 2 and m["greedy"][0]["dtypes"] == [
@@ -285,3 +298,13 @@ def test_tp2_wrapped_generate_script_measure_then_quantize(tmp_path):
     for name, rec in kv_cache.records(single).items():
         for key in ("key_head_amax", "value_head_amax"):
             assert merged["kv"][name][key] == pytest.approx(rec[key], rel=0.05), (name, key)
+    single_attn = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "single_attn/m",
+                                                        allowlist={"types": ["Matmul"]}))
+    with torch.no_grad():  # what the script generates
+        greedy = single_attn.generate(PROMPTS, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        single_attn.generate(PROMPTS, max_new_tokens=6, num_beams=3, do_sample=False)
+        single_attn.generate(greedy.sequences, max_new_tokens=4, do_sample=False,
+                             past_key_values=greedy.past_key_values)
+    for name, rec in attention.records(single_attn).items():
+        for key in ("q_amax", "k_amax", "v_amax", "p_amax"):  # same rounding allowance as the KV heads above
+            assert merged["attention"][name][key] == pytest.approx(rec[key], rel=0.05), (name, key)

@@ -49,6 +49,7 @@ with torch.no_grad():
 report = {"greedy": greedy_held, "greedy_len": greedy.sequences.shape[1],
           "greedy_tokens": greedy.sequences.tolist(), "beam": held(beam.past_key_values),
           "beam_len": beam.sequences.shape[1], "reused": held(more.past_key_values), "reused_len": more.sequences.shape[1],
-          "reused_cache_len": more.past_key_values.get_seq_length()}
+          "reused_cache_len": more.past_key_values.get_seq_length(),
+          "attn_implementation": model.module.config._attn_implementation}
 with open(f"{out_prefix}_{rank}.json", "w") as f:
     json.dump(report, f)

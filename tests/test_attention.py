@@ -1,0 +1,156 @@
+"""FP8 attention matmuls and softmax (HQT's Matmul / Softmax) through transformers' attention interface.
+
+Single process here; tests/test_kv_cache.py's TP=2 launch runs them through the real launcher (records merged over
+both ranks, FP8 attention routed on every rank)."""
+
+import json
+
+import pytest
+import torch
+
+import ds_quant
+from ds_quant import attention, measurements
+from ds_quant.config import ConfigError, Mode, QuantConfig
+from ds_quant.measurements import MeasurementError
+from ds_quant.modules import Fp8Linear
+from ds_quant.scales import sqnr_db
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def cfg(mode, path, **kw):
+    return QuantConfig.from_dict({"method": "HOOKS", "mode": mode, "dump_stats_path": str(path), **kw})
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    path = tmp_path_factory.mktemp("attn") / "m"
+    model = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", path, allowlist={"types": ["Matmul"]}))
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+    ds_quant.finish_measurements(model)
+    return path, logits
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def test_types_are_accepted_and_opt_in():
+    assert QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["Matmul", "Softmax"]}})
+    assert QuantConfig.from_dict({"method": "HOOKS", "blocklist": {"types": ["Softmax"]}})
+    with pytest.raises(ConfigError, match="Matmull"):
+        QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["Matmull"]}})
+    plain = ds_quant.prep_model(tiny_llama(), {"method": "HOOKS", "mode": "MEASURE", "dump_stats_path": "unused"})
+    assert attention.sites_of(plain) == {} and plain.config._attn_implementation != attention.IMPL
+
+
+def test_measure_records_every_attention_module_and_keeps_the_math(measured, tmp_path):
+    path, logits = measured
+    doc = measurements.load(f"{path}.json")
+    assert sorted(doc["attention"]) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for rec in doc["attention"].values():
+        assert rec["kind"] == "attention" and rec["samples"] == 1
+        assert 0 < rec["q_amax"] < 100 and 0 < rec["k_amax"] and 0 < rec["v_amax"] and 0 < rec["p_amax"] <= 1
+    # "Matmul" alone does not narrow the allowlist: every linear was measured too
+    assert len(doc["layers"]) == 15
+    # MEASURE computes the eager math in float32: against the model's own eager attention, only bf16 rounding
+    # differs (>= 35 dB; FP8 would be ~20 dB).
+    eager = tiny_llama()
+    eager.config._attn_implementation = "eager"
+    assert sqnr_db(logits_of(eager), logits) > 35
+
+
+def test_quantize_runs_fp8_operands_and_respects_the_blocklist(measured):
+    path, _ = measured
+    ref = logits_of(tiny_llama())
+    linears_only = logits_of(ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", path)))
+    both = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", path, allowlist={"types": ["Matmul", "Softmax"]},
+                                                 blocklist={"names": [r"layers\.1\.self_attn\.matmul_qk"]}))
+    assert both.config._attn_implementation == attention.IMPL
+    assert all(isinstance(both.model.layers[i].self_attn.q_proj, Fp8Linear) for i in (0, 1))
+    sites = attention.sites_of(both)
+    s0, s1 = sites["model.layers.0.self_attn"], sites["model.layers.1.self_attn"]
+    assert (s0.matmul_qk, s0.matmul_av, s0.softmax) == (True, True, True)
+    assert (s1.matmul_qk, s1.matmul_av, s1.softmax) == (False, True, True)
+    assert all(s > 0 and s == s for s in s0.scales.values())
+    out = logits_of(both)
+    # FP8 attention operands on top of FP8 linears: still a close model (>= 15 dB against bf16, the linears alone are
+    # ~22 dB on this random model), and not the linears-only result (the attention path changed).
+    assert sqnr_db(ref, out) > 15 and not torch.equal(out, linears_only)
+    assert torch.isfinite(out).all()
+
+
+def test_fp8_operands_are_exactly_what_the_function_multiplies():
+    """The quantized path = the eager math on operands rounded to FP8 with the static scales (float32 products)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 5, 16) * 3).bfloat16(), torch.randn(1, 2, 5, 16).bfloat16(), \
+        torch.randn(1, 2, 5, 16).bfloat16()
+    scales = {"q": 0.02, "k": 0.01, "v": 0.01, "p": 1 / 448}
+    site = attention.AttentionSite("a", Mode.QUANTIZE, True, True, True, "sdpa", scales=scales)
+    module = torch.nn.Module()
+    module._ds_quant_attention = site
+    out, p = attention.attention_forward(module, q, k, v, None, scaling=0.25)
+
+    def r(x, s):  # FP8 rounding with saturation, by hand
+        return (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+
+    kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    pp = r(torch.softmax(r(q, 0.02) @ r(kk, 0.01).transpose(2, 3) * 0.25, dim=-1), 1 / 448)
+    want = (pp @ r(vv, 0.01)).bfloat16().transpose(1, 2)
+    assert torch.equal(out, want)
+    # q beyond its measured range (|q| up to ~12 > 448 * 0.02 = 8.96) saturates instead of overflowing
+    assert torch.isfinite(out).all()
+
+
+def test_quantize_without_attention_records_names_the_fix(tmp_path):
+    model = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "m"))
+    logits_of(model)
+    ds_quant.finish_measurements(model)
+    with pytest.raises(MeasurementError, match=r"no attention measurements .*'Matmul'"):
+        ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", allowlist={"types": ["Matmul"]}))
+
+
+def test_generate_with_fp8_attention_and_fp8_kv_cache(tmp_path):
+    model = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "m", allowlist={"types": ["Matmul"]}))
+    with torch.no_grad():
+        model.generate(IDS, max_new_tokens=4, do_sample=False)
+    ds_quant.finish_measurements(model)
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["kv"] and doc["attention"]
+    q = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", allowlist={"types": ["Matmul"]}))
+    with torch.no_grad():
+        out = q.generate(IDS, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 30)
+    assert type(out.past_key_values.layers[0]).__name__ == "Fp8KVLayer"
+
+
+def test_attention_records_validate_and_merge_by_max(tmp_path):
+    rec = {"kind": "attention", "q_amax": 1.0, "k_amax": 2.0, "v_amax": 3.0, "p_amax": 1.0, "samples": 4}
+    layers = {"l": {"kind": "column", "in_features": 4, "out_features": 4, "input_amax": 1.0, "samples": 1}}
+    shards = [measurements.make_shard(layers, r, 2, "maxabs", "bfloat16", run="x",
+                                      attention={"a": {**rec, "q_amax": 1.0 + r, "samples": 4 + r}})
+              for r in (0, 1)]
+    merged = measurements.merge(shards)
+    assert merged["attention"]["a"] == {**rec, "q_amax": 2.0, "samples": 5}
+    bad = {**merged, "attention": {"a": {**rec, "k_amax": -1.0}}}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(MeasurementError, match=r"attention 'a': k_amax is -1.0"):
+        measurements.load(path)
+    path.write_text(json.dumps({**merged, "attention": {"a": {"kind": "attention", "q_amax": 1.0}}}))
+    with pytest.raises(MeasurementError, match=r"attention 'a' has no 'k_amax'"):
+        measurements.load(path)
+    with pytest.raises(MeasurementError, match="attention records of different layers"):
+        measurements.merge([shards[0], {**shards[1], "attention": {}}])
