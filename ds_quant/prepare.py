@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import dist, kv_cache, measurements, tensor_dump
+from . import dist, kv_cache, measurements, smooth, tensor_dump
 from . import load as fp8_load
 from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
@@ -60,7 +60,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         run = _start_measure(cfg, model, targets)
         make, make_experts = _measured_maker(cfg), _measured_experts_maker(cfg)
     else:
-        make, make_experts = _fp8_makers(cfg, targets, experts)
+        make, make_experts = _fp8_makers(cfg, targets, experts, model)
     def progress(items):
         return rank0_progress(items, f"ds_quant {cfg.mode.value}", unit="layer", min_items=8)
 
@@ -181,8 +181,9 @@ def fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
     return _fp8_makers(cfg, targets, [])[0]
 
 
-def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]]):
-    """(linear maker, experts maker) for QUANTIZE."""
+def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]],
+                model: nn.Module | None = None):
+    """(linear maker, experts maker) for QUANTIZE; with `smooth_alpha`, `model` is smoothed in place first."""
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
     measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
     measured_experts = [(fqn, m) for fqn, m in experts if RECIPES[cfg.method_for(fqn)].needs_measurements]
@@ -198,6 +199,8 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
         wanted.update(expert_shapes(m, fqn))
     dist.agree(lambda: measurements.check_layers(doc, where, wanted), g, what="QUANTIZE")
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
+    if cfg.smooth_alpha is not None:
+        doc = {**doc, "layers": smooth.fold_for_quantize(model, doc["layers"], cfg, g)}
     with_records = {fqn for fqn, _ in measured_experts}
     return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
                                                         else None),
