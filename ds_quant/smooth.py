@@ -54,7 +54,7 @@ class SmoothError(ValueError):
 def smooth_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     """(in,) float32 factors s = x^alpha / w^(1 - alpha), rounded to a power of two; 1 where either
     statistic is zero or not finite (nothing to balance)."""
-    x, w = x_amax.double(), w_amax.double()
+    x, w = x_amax.detach().double().cpu(), w_amax.detach().double().cpu()
     ok = (x > 0) & (w > 0) & torch.isfinite(x) & torch.isfinite(w)
     log2 = alpha * torch.log2(torch.where(ok, x, 1.0)) - (1 - alpha) * torch.log2(torch.where(ok, w, 1.0))
     log2 = torch.round(log2).clamp(-MAX_LOG2, MAX_LOG2)
@@ -63,7 +63,7 @@ def smooth_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> 
 
 def smoothed_record(record: Mapping, s: torch.Tensor) -> dict:
     """A layer's measurement as the smoothed input would have produced it: channel max-abs / s."""
-    channels = np.asarray(record["input_channel_amax"], dtype=np.float32) / s.numpy()
+    channels = np.asarray(record["input_channel_amax"], dtype=np.float32) / s.detach().cpu().numpy()
     return {**record, "input_channel_amax": channels, "input_amax": float(channels.max(initial=0.0))}
 
 
