@@ -47,6 +47,9 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     if fp8_load.pending(model) is not None:  # from_pretrained of an FP8 folder built it on meta (load.py)
         if cfg.mode is not Mode.QUANTIZE:
             raise ConfigError(f"{cfg.source}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}")
+        if cfg.smooth_alpha is not None:  # its FP8 weights were quantized (or are being) without folding
+            raise ConfigError(f"{cfg.source}: key 'smooth_alpha' applies to in-memory QUANTIZE of a bf16 model, not to "
+                              "FP8 checkpoints or quantize-on-load; drop it, or quantize the bf16 model in memory")
         model, report = fp8_load.load_pending(model, cfg)
         _log_outcome(model, cfg, report)
         setattr(model, _CONFIG_ATTR, cfg)

@@ -235,17 +235,17 @@ def fold_for_quantize(model: nn.Module | None, layers: Mapping[str, Mapping], co
     """QUANTIZE's step (prepare.py): fold `config.smooth_alpha`'s factors into `model` and return the smoothed
     measurement layers. Collective over `group`."""
     from .config import ConfigError
-    from .log import get_logger
+    from .log import current_rank, get_logger
 
     if model is None:
         raise ConfigError(f"{config.source}: key 'smooth_alpha': this entry point quantizes layers without the "
                           "model around them (ds_quant.report), so nothing can be folded; drop 'smooth_alpha' here")
     out, factors = fold(model, layers, config.smooth_alpha, group)
-    if factors:
+    if factors and current_rank() == 0:
         log2 = torch.cat([torch.log2(s) for s in factors.values()])
         get_logger().info(f"smooth_alpha {config.smooth_alpha:g}: folded into {len(factors)} norm(s)/linear(s), "
                           f"factors 2^{int(log2.min())} .. 2^{int(log2.max())}")
-    else:
+    elif not factors:
         get_logger().warning(f"smooth_alpha {config.smooth_alpha:g}: no measured channel statistics for any pair; "
                              "nothing was smoothed")
     return out

@@ -1,6 +1,6 @@
 """Under `deepspeed --num_gpus N`: load the HF folder MODEL, split it with AutoTP, fold smooth_alpha ALPHA's factors
 from the merged measurement file STATS into it, and write OUT_{rank}.pt: the factors, the smoothed records of
-a few layers, and the logits of the same model QUANTIZEd with CONFIG (a JSON path, smoothing included) on
+a few layers, whether the split bf16 model's logits are bit-identical before and after folding, and the logits of the same model QUANTIZEd with CONFIG (a JSON path, smoothing included) on
 seeded token ids.
 
 Usage: smooth_tp.py MODEL STATS ALPHA CONFIG OUT_PREFIX [--local_rank N]"""
@@ -31,11 +31,15 @@ def load():
 
 model = load()
 _, _, group = model_tp(model)
+with torch.no_grad():
+    before = model(ids).logits
 layers, factors = smooth.fold(model, measurements.load(measurements.merged_path(stats))["layers"], alpha, group)
+with torch.no_grad():
+    unchanged = bool(torch.equal(model(ids).logits, before))
 records = {n: {"input_amax": layers[n]["input_amax"], "weight_amax": layers[n]["weight_amax"],
                "input_channel_amax": torch.as_tensor(layers[n]["input_channel_amax"])} for n in RECORDS}
 quantized = ds_quant.prep_model(load(), config)
 with torch.no_grad():
     logits = quantized(ids).logits.float()
-torch.save({"factors": factors, "records": records, "logits": logits, "world": world}, f"{out}_{rank}.pt")
+torch.save({"factors": factors, "records": records, "logits": logits, "world": world, "bf16_unchanged": unchanged}, f"{out}_{rank}.pt")
 ds_quant.shutdown()
