@@ -219,15 +219,11 @@ def _check_producer(name: str, module: nn.Module, consumer, width: int) -> None:
 
 def _fold_producer(module: nn.Module, s: torch.Tensor, part: slice) -> None:
     """Divide what `module` produces by s: a norm's weight, or a linear's local output rows (and bias)."""
-    weight = module.weight
+    weight, bias = module.weight, getattr(module, "bias", None)
     with torch.no_grad():
-        if weight.dim() == 1:
-            weight.div_(s.to(weight.device, weight.dtype))
-            return
-        local = s[part].to(weight.device, weight.dtype)
-        weight.div_(local[:, None])
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
+        local = s.to(weight.device, weight.dtype) if weight.dim() == 1 else s[part].to(weight.device, weight.dtype)
+        weight.div_(local if weight.dim() == 1 else local[:, None])
+        if isinstance(bias, torch.Tensor):  # a LayerNorm's or a linear's: the output it adds to is / s too
             bias.div_(local)
 
 
