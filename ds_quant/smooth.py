@@ -36,17 +36,13 @@ class Pair:
 
     producer: str
     consumers: tuple[str, ...]
-    heads: bool = False  # v_proj -> o_proj: o_proj's input is the attention heads, each a weighted sum of its kv head
 
 
 _LLAMA = (Pair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
           Pair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-          Pair("self_attn.v_proj", ("self_attn.o_proj",), heads=True),
           Pair("mlp.up_proj", ("mlp.down_proj",)))  # down reads act(gate) * up: scaling up's rows scales it
 # model_type -> pairs. Only RMSNorm computing `weight * x_normed` (not Gemma's `(1 + weight)`) and separate
-# q/k/v and gate/up projections qualify. v_proj -> o_proj: softmax weights mix positions, not channels, so a
-# v channel scaled by 1/s reaches o_proj's input scaled by 1/s in every query head that reads that kv head (GQA):
-# one factor per v channel, the max over those heads.
+# q/k/v and gate/up projections qualify. v_proj -> o_proj is not folded (o_proj's input is v heads repeated).
 PAIRS: dict[str, tuple[Pair, ...]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
 
 
@@ -76,7 +72,6 @@ def smoothed_record(record: Mapping, s: torch.Tensor) -> dict:
 class Group:
     producer: str
     consumers: tuple[str, ...]
-    heads: bool = False
 
 
 def architecture(model: nn.Module) -> str:
@@ -104,7 +99,7 @@ def groups(model: nn.Module) -> list[Group]:
             if missing:
                 raise SmoothError(f"smooth_alpha: '{name}' has no consumer '{missing[0]}' (architecture "
                                   f"{architecture(model)}); drop 'smooth_alpha' from the config")
-            out.append(Group(name, consumers, pair.heads))
+            out.append(Group(name, consumers))
     if not out:
         raise SmoothError(f"smooth_alpha: no {pairs[0].producer} found in the model; drop 'smooth_alpha'")
     return out
@@ -116,18 +111,6 @@ class _Step:
     producer: str
     x_full: torch.Tensor  # (in,) measured input max-abs, max over the consumers' records
     consumers: list  # (name, module, layout, this rank's slice of the full input)
-    producer_part: slice  # this rank's slice of the producer's channels (s's index)
-    groups: tuple[int, int, int] = (0, 1, 1)  # (G, rep, D): consumer channel (g, r, d) reads producer (g, d)
-
-    def reduce(self, v: torch.Tensor) -> torch.Tensor:
-        """Consumer channels (G*rep*D) -> producer channels (G*D): the max over the heads sharing one."""
-        g, r, d = self.groups
-        return v.view(g or len(v), r, d).amax(1).flatten()
-
-    def expand(self, s: torch.Tensor) -> torch.Tensor:
-        """Producer channels -> consumer channels: each factor repeated over the heads that read it."""
-        g, r, d = self.groups
-        return s.view(g or len(s), 1, d).expand(g or len(s), r, d).flatten()
 
 
 def fold(model: nn.Module, layers: Mapping[str, Mapping], alpha: float, group=None
@@ -149,13 +132,12 @@ def fold(model: nn.Module, layers: Mapping[str, Mapping], alpha: float, group=No
             local[part] = m.weight.detach().abs().amax(0).float().cpu()
             reduce_max, _ = layout.reducers(per_channel=False)
             w_full = torch.maximum(w_full, reduce_max(local.to(m.weight.device)).cpu())
-        s = smooth_factors(st.reduce(st.x_full), st.reduce(w_full), alpha)
+        s = smooth_factors(st.x_full, w_full, alpha)
         factors[st.producer] = s
-        _fold_producer(modules[st.producer], s, st.producer_part)
-        s_in = st.expand(s)
+        _fold_producer(modules[st.producer], s, st.consumers[0][3])
         for name, m, layout, part in st.consumers:
             with torch.no_grad():
-                m.weight.mul_(s_in[part].to(m.weight.device, m.weight.dtype))
+                m.weight.mul_(s[part].to(m.weight.device, m.weight.dtype))
             touched[name] = (m, layout)
         if layers.get(st.producer) is not None:
             touched[st.producer] = (modules[st.producer], _layout(modules[st.producer], st.producer))
@@ -163,7 +145,7 @@ def fold(model: nn.Module, layers: Mapping[str, Mapping], alpha: float, group=No
     for st in steps:
         for name, _, _, _ in st.consumers:
             if out.get(name) is not None and out[name].get("input_channel_amax") is not None:
-                out[name] = smoothed_record(out[name], st.expand(factors[st.producer]))
+                out[name] = smoothed_record(out[name], factors[st.producer])
         if out.get(st.producer) is not None:
             out[st.producer] = {**out[st.producer], "output_amax": None}  # its outputs are now / s, per channel
     for name, (m, layout) in touched.items():
@@ -190,23 +172,10 @@ def plan(model: nn.Module, modules: Mapping[str, nn.Module], layers: Mapping[str
         for c in g.consumers:
             layout = _layout(modules[c], c)
             consumers.append((c, modules[c], layout, _part(c, modules[c], layout, width)))
-        heads = _heads(model, g, width) if g.heads else (width, 1, 1)
-        part = _check_producer(g.producer, modules[g.producer], consumers[0], width, heads)
+        _check_producer(g.producer, modules[g.producer], consumers[0], width)
         x_full = torch.as_tensor(np.max(np.stack([np.asarray(v, dtype=np.float32) for v in x]), 0))
-        steps.append(_Step(g.producer, x_full, consumers, part, heads))
+        steps.append(_Step(g.producer, x_full, consumers))
     return steps
-
-
-def _heads(model: nn.Module, g: Group, width: int) -> tuple[int, int, int]:
-    """(kv heads, query heads per kv head, head dim) from the model's config, checked against the width."""
-    cfg = model.config
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    if n_heads * head_dim != width or n_heads % n_kv:
-        raise SmoothError(f"smooth_alpha: '{g.consumers[0]}' reads {width} channels, the config says {n_heads} heads "
-                          f"of {head_dim} ({n_kv} kv heads); measure this model again")
-    return n_kv, n_heads // n_kv, head_dim
 
 
 def _layout(module: nn.Module, name: str):
@@ -228,10 +197,9 @@ def _part(name: str, module: nn.Module, layout, width: int) -> slice:
     return part
 
 
-def _check_producer(name: str, module: nn.Module, consumer, width: int, heads: tuple[int, int, int]) -> slice:
+def _check_producer(name: str, module: nn.Module, consumer, width: int) -> None:
     """A norm's weight is whole on every rank; a linear producer's local output rows must be exactly the
-    channels its consumer's local input reads on this rank (with heads: the kv heads of its query heads).
-    Returns this rank's slice of the producer's channels."""
+    slice of channels its consumer reads on this rank."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
         raise SmoothError(f"smooth_alpha: '{name}' ({type(module).__name__}) has no weight to fold into")
@@ -239,21 +207,14 @@ def _check_producer(name: str, module: nn.Module, consumer, width: int, heads: t
         if weight.shape[0] != width:
             raise SmoothError(f"smooth_alpha: norm '{name}' has {weight.shape[0]} channels, its consumers' "
                               f"statistics {width}; measure this model again")
-        return slice(0, width)
+        return
     c_name, _, _, part = consumer
-    _, rep, d = heads
-    block = rep * d  # consumer channels per producer head: whole blocks map to producer rows
-    if part.start % block or part.stop % block:
-        raise SmoothError(f"smooth_alpha: '{c_name}' reads channels {part.start}:{part.stop} on this rank, which cut "
-                          f"a group of {rep} heads of {d}; cannot fold into '{name}'")
-    part = slice(part.start // block * d, part.stop // block * d)
     layout = _layout(module, name)
     start = layout.shard_offset if layout.spec.partitioned_dim == 0 else 0
     if (start, start + weight.shape[0]) != (part.start, part.stop):
         raise SmoothError(f"smooth_alpha: '{name}' holds output rows {start}:{start + weight.shape[0]} on this rank, "
                           f"its consumer '{c_name}' reads channels {part.start}:{part.stop}; the two are split "
                           "differently, so 1/s cannot be folded into it")
-    return part
 
 
 def _fold_producer(module: nn.Module, s: torch.Tensor, part: slice) -> None:

@@ -20,7 +20,7 @@ args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 path, stats, alpha, config, out = args[0], args[1], float(args[2]), args[3], args[4]
 world, rank = int(os.getenv("WORLD_SIZE", "1")), int(os.getenv("RANK", "0"))
 ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(7))
-RECORDS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj")
+RECORDS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj")
 
 
 def load():
