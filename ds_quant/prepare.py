@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import dist, kv_cache, measurements, smooth, tensor_dump
+from . import dist, kv_cache, measurements, tensor_dump
 from . import load as fp8_load
 from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
@@ -203,7 +203,9 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
     dist.agree(lambda: measurements.check_layers(doc, where, wanted), g, what="QUANTIZE")
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
     if cfg.smooth_alpha is not None:
-        doc = {**doc, "layers": smooth.fold_for_quantize(model, doc["layers"], cfg, g)}
+        from .smooth import fold_for_quantize
+
+        doc = {**doc, "layers": fold_for_quantize(model, doc["layers"], cfg, g)}
     with_records = {fqn for fqn, _ in measured_experts}
     return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
                                                         else None),
