@@ -160,6 +160,7 @@ class QuantConfig:
     auto_blocklist_sqnr_db: float | None = None  # report.quantize_with_report: layers below stay high precision
     outlier_channels: int = 0  # QUANTIZE: each linear's K largest measured input channels stay high precision
     save_max_bytes: int = 1 << 30  # observer "save": the most bytes of tensors one rank keeps
+    smooth_alpha: float | None = None  # QUANTIZE: SmoothQuant-style smoothing with this migration strength (smooth.py)
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -208,6 +209,7 @@ class QuantConfig:
             auto_blocklist_sqnr_db=_parse_sqnr_db(data.get("auto_blocklist_sqnr_db"), source),
             outlier_channels=_parse_outlier_channels(data.get("outlier_channels", 0), source),
             save_max_bytes=_parse_save_max_bytes(data.get("save_max_bytes", 1 << 30), source),
+            smooth_alpha=_parse_smooth_alpha(data.get("smooth_alpha"), source),
             source=source,
         )
         cfg._check_combinations()
@@ -254,6 +256,11 @@ class QuantConfig:
             if t not in SUPPORTED_TYPES:
                 raise ConfigError(f"{src}: key 'allowlist.types': {t!r} is not a module type ds_quant can quantize; "
                                   f"accepted: {', '.join(SUPPORTED_TYPES)}{_closest(t, SUPPORTED_TYPES)}")
+        if self.smooth_alpha is not None and self.scale_method in (ScaleMethod.UNIT_SCALE,
+                                                                   ScaleMethod.ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS):
+            raise ConfigError(f"{src}: key 'smooth_alpha' needs measured input statistics, which scale_method "
+                              f"{self.scale_method.value!r} does not read; use a static method (e.g. "
+                              "act_maxabs_hw_weights_pcs_opt_pow2) or drop 'smooth_alpha'")
         both = set(self.allowlist.types) & set(self.blocklist.types)
         if both:
             raise ConfigError(f"{src}: keys 'allowlist.types' and 'blocklist.types' both list {sorted(both)}; "
@@ -262,7 +269,18 @@ class QuantConfig:
 
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
-         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels", "save_max_bytes")
+         "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels", "save_max_bytes",
+         "smooth_alpha")
+
+
+def _parse_smooth_alpha(value: Any, source: str) -> float | None:
+    """`smooth_alpha`: SmoothQuant's migration strength a, s_j = max|X_j|^a / max|W_j|^(1-a); absent = off."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{source}: key 'smooth_alpha': {value!r} must be a number in (0, 1] (e.g. 0.5: half "
+                          "of each input channel's range moves into the weights); leave it out for no smoothing")
+    return float(value)
 
 
 def _parse_save_max_bytes(value: Any, source: str) -> int:

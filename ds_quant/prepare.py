@@ -48,6 +48,9 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     if fp8_load.pending(model) is not None:  # from_pretrained of an FP8 folder built it on meta (load.py)
         if cfg.mode is not Mode.QUANTIZE:
             raise ConfigError(f"{cfg.source}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}")
+        if cfg.smooth_alpha is not None:  # its FP8 weights were quantized (or are being) without folding
+            raise ConfigError(f"{cfg.source}: key 'smooth_alpha' applies to in-memory QUANTIZE of a bf16 model, not to "
+                              "FP8 checkpoints or quantize-on-load; drop it, or quantize the bf16 model in memory")
         model, report = fp8_load.load_pending(model, cfg)
         _log_outcome(model, cfg, report)
         setattr(model, _CONFIG_ATTR, cfg)
@@ -61,7 +64,7 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         run = _start_measure(cfg, model, targets)
         make, make_experts = _measured_maker(cfg), _measured_experts_maker(cfg)
     else:
-        make, make_experts = _fp8_makers(cfg, targets, experts)
+        make, make_experts = _fp8_makers(cfg, targets, experts, model)
     def progress(items):
         return rank0_progress(items, f"ds_quant {cfg.mode.value}", unit="layer", min_items=8)
 
@@ -184,8 +187,9 @@ def fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
     return _fp8_makers(cfg, targets, [])[0]
 
 
-def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]]):
-    """(linear maker, experts maker) for QUANTIZE."""
+def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]],
+                model: nn.Module | None = None):
+    """(linear maker, experts maker) for QUANTIZE; with `smooth_alpha`, `model` is smoothed in place first."""
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
     measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
     measured_experts = [(fqn, m) for fqn, m in experts if RECIPES[cfg.method_for(fqn)].needs_measurements]
@@ -201,6 +205,10 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
         wanted.update(expert_shapes(m, fqn))
     dist.agree(lambda: measurements.check_layers(doc, where, wanted), g, what="QUANTIZE")
     get_logger().info(f"QUANTIZE with measurements from {where} (measured at world size {doc['world_size']})")
+    if cfg.smooth_alpha is not None:
+        from .smooth import fold_for_quantize
+
+        doc = {**doc, "layers": fold_for_quantize(model, doc["layers"], cfg, g)}
     with_records = {fqn for fqn, _ in measured_experts}
     return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
                                                         else None),

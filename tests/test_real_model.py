@@ -96,6 +96,9 @@ def test_row_names_become_configs():
     assert acc.variant("pcs_opt+lm_head@in0.5-k_proj") == {
         "scale_method": "act_maxabs_hw_weights_pcs_opt_pow2", "blocklist": {"types": [], "names": [r"\.k_proj$"]},
         "scale_params": {"input_backoff": 0.5}}
+    assert acc.variant("pcs_opt~s0.5#o16") == {
+        "scale_method": "act_maxabs_hw_weights_pcs_opt_pow2", "blocklist": {"types": [], "names": ["lm_head"]},
+        "smooth_alpha": 0.5, "outlier_channels": 16}
     with pytest.raises(SystemExit, match="row name"):
         acc.variant("pcs_opt@in")
 
