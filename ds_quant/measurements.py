@@ -674,51 +674,25 @@ def bench_merge(n_shards: int = 64, n_layers: int = 1000, width: int = 1024, fol
 
 # -- inspect (`ds-quant inspect FILE`) ----------------------------------------------------------------------
 def layer_table(doc: Mapping, scale_method: str = "maxabs_hw", device_for_scales: str = "cuda",
-                fp8_config: str = "E4M3") -> list[dict]:
+                fp8_config: str = "E4M3", specs: Mapping | None = None) -> list[dict]:
     """One row per layer: kind, full shape, max-abs values and the scales `scale_method` would give
-    (per-tensor; per-channel weight scales and opt-weight choices need the weights: shown as such)."""
-    import torch
+    (per-tensor; per-channel weight scales and opt-weight choices need the weights: shown as such), with HQT's
+    default backoffs. `specs` ({record name: LayerSpec}, `layer_spec.table_specs(doc, config)`): each layer's own
+    spec instead (a config's scale_params, scale_method_overrides, outlier channels ...), the method in each row."""
+    from .layer_spec import default_spec, record_scales
 
-    from .config import DeviceForScales, Fp8Format, ScaleMethod
-    from .scales import (
-        INPUT_BACKOFF,
-        PROFILES,
-        RECIPES,
-        WEIGHT_BACKOFF,
-        Act,
-        amax_to_scale,
-        fp8_dtype,
-        input_to_scale,
-    )
-
-    method = ScaleMethod.parse(scale_method, "--scale-method", "ds-quant inspect")
-    profile = PROFILES[DeviceForScales.parse(device_for_scales, "--device-for-scales", "ds-quant inspect")]
-    dtype = fp8_dtype(Fp8Format.parse(fp8_config, "--fp8", "ds-quant inspect"))
-    recipe = RECIPES[method]
+    fixed = None if specs is not None else default_spec("", scale_method, device_for_scales, fp8_config)
     rows = []
     for name, rec in doc["layers"].items():
-        if recipe.act is Act.DYNAMIC:
-            in_scale = "dynamic"
-        elif rec["input_amax"] is None:
-            in_scale = None
-        else:
-            in_scale = float(input_to_scale(torch.tensor(float(rec["input_amax"])), recipe, dtype, profile,
-                                            INPUT_BACKOFF))
-        w = rec.get("weight_amax")
-        if recipe.weight_unit:
-            w_scale = 1.0
-        elif recipe.weight_per_channel:
-            w_scale = "per-channel"
-        elif w is None:
-            w_scale = None
-        else:
-            w_scale = float(amax_to_scale(torch.tensor(float(w)), profile.fp8_max(dtype), WEIGHT_BACKOFF,
-                                          recipe.weight_rounding, profile))
-            w_scale = f"<= {w_scale:.6g} (opt)" if recipe.weight_opt else w_scale
-        rows.append({"layer": name, "kind": rec["kind"], "out_features": rec["out_features"],
-                     "in_features": rec["in_features"], "input_amax": rec["input_amax"],
-                     "output_amax": rec.get("output_amax"), "weight_amax": w, "samples": rec["samples"],
-                     "input_scale": in_scale, "weight_scale": w_scale})
+        spec = fixed if specs is None else specs[name]
+        in_scale, w_scale = record_scales(spec, rec)
+        row = {"layer": name, "kind": rec["kind"], "out_features": rec["out_features"],
+               "in_features": rec["in_features"], "input_amax": rec["input_amax"],
+               "output_amax": rec.get("output_amax"), "weight_amax": rec.get("weight_amax"), "samples": rec["samples"],
+               "input_scale": in_scale, "weight_scale": w_scale}
+        if specs is not None:
+            row["scale_method"] = spec.method.value
+        rows.append(row)
     return rows
 
 
@@ -729,6 +703,8 @@ def format_table(rows: list[dict]) -> str:
     cols = [("layer", "layer"), ("kind", "kind"), ("shape", None), ("input_amax", "in amax"),
             ("output_amax", "out amax"), ("weight_amax", "w amax"), ("input_scale", "in scale"),
             ("weight_scale", "w scale"), ("samples", "samples")]
+    if rows and "scale_method" in rows[0]:  # per-layer specs (`inspect --quant-config`): each row's method
+        cols.append(("scale_method", "method"))
     body = [[r["layer"], r["kind"], f"{cell(r['out_features'])}x{cell(r['in_features'])}",
              *(cell(r[k]) for k, _ in cols[3:])] for r in rows]
     head = [label or "out x in" for _, label in cols]

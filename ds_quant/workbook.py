@@ -1,7 +1,8 @@
 """The statistics workbook (`dump_stats_xlsx_path`): MEASURE's files as a spreadsheet to read.
 
 One sheet for the merged, model-level statistics and one per rank's shard: layer, kind, shapes,
-input/output/weight max-abs, samples, and the input and weight scale every scale method would give.
+input/output/weight max-abs, samples, the layer's scale method and the input and weight scale QUANTIZE gives it
+with the config (its `layer_spec.LayerSpec`), and the input and weight scale every scale method would give.
 Cells that stand out are filled: a layer whose max-abs is far above the model's median for that column,
 and a layer whose input has outlier channels (max over median channel max-abs). The header row and
 the layer column are frozen.
@@ -26,25 +27,27 @@ _AMAX_COLUMNS = ("input_amax", "output_amax", "weight_amax")
 
 
 def rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[list]]:
-    """Header and one row per layer of a merged file or shard (no openpyxl). The scales come from
-    `measurements.layer_table`, the same numbers `ds-quant inspect` prints; the configured method first."""
-    from .measurements import layer_table
+    """Header and one row per layer of a merged file or shard (no openpyxl). `scale_method`, `input_scale` and
+    `weight_scale` are what QUANTIZE gives the layer with this config (its LayerSpec: scale_method_overrides,
+    scale_params, outlier channels ...), the same numbers as `ds-quant inspect --quant-config`; then the scales
+    every method would give with the config's other settings, the configured method first."""
+    from .layer_spec import record_scales, table_specs
 
+    specs = table_specs(doc, config)
     methods = [config.scale_method] + [m for m in ScaleMethod if m is not config.scale_method]
-    scales = {m: {r["layer"]: r for r in layer_table(doc, m.value, config.device_for_scales.value,
-                                                       config.fp8_config.value)} for m in methods}
-    header = list(_BASE_COLUMNS)
+    header = list(_BASE_COLUMNS) + ["scale_method", "input_scale", "weight_scale"]
     for m in methods:
         header += [f"input_scale[{m.value}]", f"weight_scale[{m.value}]"]
     out = []
     for name, rec in doc["layers"].items():
         channels = rec.get("input_channel_amax")  # a list, or a float32 array from the companion binary
         channels = [] if channels is None else channels
+        spec = specs[name]
         row = [name, rec["kind"], rec["out_features"], rec["in_features"], rec.get("local_in_features", rec["in_features"]),
                rec["input_amax"], channel_outlier_ratio(channels), rec.get("output_amax"), rec.get("weight_amax"),
-               rec["samples"]]
+               rec["samples"], spec.method.value, *record_scales(spec, rec)]
         for m in methods:
-            row += [scales[m][name].get("input_scale"), scales[m][name].get("weight_scale")]
+            row += list(record_scales(spec.with_method(m), rec))
         out.append(row)
     return header, out
 
@@ -97,6 +100,11 @@ def write(path: str | os.PathLike, merged: Mapping, shards: Sequence[Mapping], c
     for k in ("format", "version", "kind", "observer", "dtype", "world_size", "fingerprint"):
         info.append([k, str(merged.get(k))])
     info.append(["scale_method (configured)", config.scale_method.value])
+    info.append(["scale_method_overrides", ", ".join(f"{p} -> {m.value}" for p, m in config.scale_method_overrides)
+                 or "none"])
+    info.append(["input_backoff", config.input_backoff])
+    info.append(["weight_backoff", config.weight_backoff])
+    info.append(["device_for_scales", config.device_for_scales.value])
     info.append(["fp8_config", config.fp8_config.value])
     info.append(["highlighted", f"max-abs > {OUTLIER_FACTOR:g}x the median over layers; input channel max-abs "
                                 f"> {OUTLIER_FACTOR:g}x the layer's median channel"])
