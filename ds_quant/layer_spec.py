@@ -100,15 +100,16 @@ class LayerSpec:
 def resolve(config: QuantConfig, name: str, kind: Kind | str = Kind.LINEAR) -> LayerSpec:
     """The spec of layer `name` (a module name; for experts the block's, for a KV cache `{attention}.kv_cache`)
     under `config`: the one place a layer's numbers are read from the config."""
-    kind = Kind(kind)
-    method = config.method_for(name)
-    linear = kind is Kind.LINEAR
-    return LayerSpec(name=name, kind=kind, method=method, recipe=RECIPES[method], fp8_format=config.fp8_config,
-                     device_for_scales=config.device_for_scales, input_backoff=config.input_backoff,
-                     weight_backoff=config.weight_backoff,
-                     act_scope=config.act_scope if linear else ActScope.GLOBAL,
-                     outlier_channels=config.outlier_channels if linear else 0,
-                     measure_exclude=config.measure_exclude)
+    kind, src = Kind(kind), config.source
+    method = ScaleMethod.parse(config.method_for(name), "scale_method", src)  # parse: a QuantConfig(...) built
+    linear = kind is Kind.LINEAR                                              # in code may hold plain strings
+    return LayerSpec(name=name, kind=kind, method=method, recipe=RECIPES[method],
+                     fp8_format=Fp8Format.parse(config.fp8_config, "fp8_config", src),
+                     device_for_scales=DeviceForScales.parse(config.device_for_scales, "device_for_scales", src),
+                     input_backoff=float(config.input_backoff), weight_backoff=float(config.weight_backoff),
+                     act_scope=ActScope.parse(config.act_scope, "act_scope", src) if linear else ActScope.GLOBAL,
+                     outlier_channels=int(config.outlier_channels) if linear else 0,
+                     measure_exclude=MeasureExclude.parse(config.measure_exclude, "measure_exclude", src))
 
 
 def default_spec(name: str, method: ScaleMethod | str = ScaleMethod.MAXABS_HW,
