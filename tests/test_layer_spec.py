@@ -228,3 +228,55 @@ def test_layer_table_with_specs_equals_the_fixed_table_for_default_settings(meas
     with_specs = layer_table(doc, specs=layer_spec.table_specs(doc, cfg))
     fixed = layer_table(doc, "maxabs_pow2")
     assert [{k: v for k, v in r.items() if k != "scale_method"} for r in with_specs] == fixed
+
+
+def test_experts_twin_agrees_with_the_tables_through_the_blocks_spec(tmp_path, capsys):
+    """Fused experts: each expert projection's record resolves to its block's spec (`experts$` matches the block's
+    name, not the records'), so inspect, the workbook and the FP8 experts' per-expert scales agree."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    n_experts, hidden = 4, 32
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = mixtral.MixtralConfig(hidden_size=hidden, intermediate_size=48, num_local_experts=n_experts,
+                                           num_experts_per_tok=2)
+            config._experts_implementation = "eager"
+            torch.manual_seed(0)
+            self.experts = mixtral.MixtralExperts(config)
+            torch.nn.init.normal_(self.experts.gate_up_proj, std=0.1)
+            torch.nn.init.normal_(self.experts.down_proj, std=0.1)
+            self.experts.to(torch.bfloat16)
+
+        def forward(self, x, idx, w):
+            return self.experts(x, idx, w)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, hidden, generator=g).bfloat16()
+    w, idx = torch.rand(64, n_experts, generator=g).topk(2, dim=-1)  # 64 tokens: every expert is routed
+    w = (w / w.sum(-1, keepdim=True)).bfloat16()
+    base = {**settings(tmp_path), "scale_method_overrides": {"experts$": "maxabs_pow2"}}
+    with torch.no_grad():
+        block = ds_quant.prep_model(Block(), {**base, "mode": "MEASURE"})
+        block(x, idx, w)
+        merged = ds_quant.finish_measurements(block)
+    cfg_path = tmp_path / "quant.json"
+    cfg_path.write_text(json.dumps(base))
+    cfg = QuantConfig.from_json(cfg_path)
+    fp8 = ds_quant.prep_model(Block(), cfg).experts
+    assert isinstance(fp8, Fp8Experts)
+    shown = inspect_rows(merged, cfg_path, capsys)
+    doc = json.loads(open(merged).read())
+    header, table = workbook_rows(doc, cfg)
+    book = {r[0]: dict(zip(header, r, strict=True)) for r in table}
+    assert len(shown) == 2 * n_experts
+    for proj in ("gate_up_proj", "down_proj"):
+        for e in range(n_experts):
+            name = f"experts.{proj}.{e}"
+            assert doc["layers"][name]["samples"] > 0
+            in_scale = float(getattr(fp8, f"{proj}_input_scale")[e])
+            w_scale = float(getattr(fp8, f"{proj}_scale")[e])
+            assert shown[name]["scale_method"] == book[name]["scale_method"] == "maxabs_pow2", name
+            assert shown[name]["input_scale"] == book[name]["input_scale"] == in_scale, name
+            assert shown[name]["weight_scale"] == book[name]["weight_scale"] == w_scale, name
+            assert in_scale >= doc["layers"][name]["input_amax"] / 448  # input_backoff 1.0, rounded up to 2^k
