@@ -36,6 +36,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import json
 
     from . import measurements as ms
+    from . import tables
 
     flags = {"--scale-method": args.scale_method, "--device-for-scales": args.device_for_scales, "--fp8": args.fp8}
     try:
@@ -48,7 +49,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             from .layer_spec import table_specs
 
             cfg = QuantConfig.from_json(args.quant_config)
-            rows = ms.layer_table(doc, specs=table_specs(doc, cfg))
+            rows = tables.layer_table(doc, specs=table_specs(doc, cfg))
             what = (f"scales QUANTIZE uses with {args.quant_config} (scale_method {cfg.scale_method.value}"
                     + (f", {len(cfg.scale_method_overrides)} override(s)" if cfg.scale_method_overrides else "")
                     + f", input_backoff {cfg.input_backoff:g}, weight_backoff {cfg.weight_backoff:g}, "
@@ -59,7 +60,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         else:
             method = args.scale_method or "maxabs_hw"
             device, fp8 = args.device_for_scales or "cuda", args.fp8 or "E4M3"
-            rows = ms.layer_table(doc, method, device, fp8)
+            rows = tables.layer_table(doc, method, device, fp8)
             what = f"scales for {method} ({device}, {fp8})"
     except (ms.MeasurementError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,7 +72,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     else:
         print(f"{args.file}: {doc['kind']}, world size {doc['world_size']}, observer {doc['observer']}, "
               f"dtype {doc['dtype']}, fingerprint {doc['fingerprint']}, {len(rows)} layers; {what}")
-        print(ms.format_table(rows))
+        print(tables.format_table(rows))
     return 0
 
 

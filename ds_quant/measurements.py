@@ -672,42 +672,15 @@ def bench_merge(n_shards: int = 64, n_layers: int = 1000, width: int = 1024, fol
             "offline_merge_seconds": offline, "shard_bytes": shard_bytes, "merged_bytes": merged_bytes}
 
 
-# -- inspect (`ds-quant inspect FILE`) ----------------------------------------------------------------------
-def layer_table(doc: Mapping, scale_method: str = "maxabs_hw", device_for_scales: str = "cuda",
-                fp8_config: str = "E4M3", specs: Mapping | None = None) -> list[dict]:
-    """One row per layer: kind, full shape, max-abs values and the scales `scale_method` would give
-    (per-tensor; per-channel weight scales and opt-weight choices need the weights: shown as such), with HQT's
-    default backoffs. `specs` ({record name: LayerSpec}, `layer_spec.table_specs(doc, config)`): each layer's own
-    spec instead (a config's scale_params, scale_method_overrides, outlier channels ...), the method in each row."""
-    from .layer_spec import default_spec, record_scales
+# -- inspect (`ds-quant inspect FILE`): the table lives in tables.py; these names stay for callers ----------------
+# (imported when called: this module loads on its own, without the package; see test_measurements)
+def layer_table(*args, **kwargs) -> list[dict]:
+    from .tables import layer_table as table
 
-    fixed = None if specs is not None else default_spec("", scale_method, device_for_scales, fp8_config)
-    rows = []
-    for name, rec in doc["layers"].items():
-        spec = fixed if specs is None else specs[name]
-        in_scale, w_scale = record_scales(spec, rec)
-        row = {"layer": name, "kind": rec["kind"], "out_features": rec["out_features"],
-               "in_features": rec["in_features"], "input_amax": rec["input_amax"],
-               "output_amax": rec.get("output_amax"), "weight_amax": rec.get("weight_amax"), "samples": rec["samples"],
-               "input_scale": in_scale, "weight_scale": w_scale}
-        if specs is not None:
-            row["scale_method"] = spec.method.value
-        rows.append(row)
-    return rows
+    return table(*args, **kwargs)
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    from .tables import format_table as fmt
 
-    cols = [("layer", "layer"), ("kind", "kind"), ("shape", None), ("input_amax", "in amax"),
-            ("output_amax", "out amax"), ("weight_amax", "w amax"), ("input_scale", "in scale"),
-            ("weight_scale", "w scale"), ("samples", "samples")]
-    if rows and "scale_method" in rows[0]:  # per-layer specs (`inspect --quant-config`): each row's method
-        cols.append(("scale_method", "method"))
-    body = [[r["layer"], r["kind"], f"{cell(r['out_features'])}x{cell(r['in_features'])}",
-             *(cell(r[k]) for k, _ in cols[3:])] for r in rows]
-    head = [label or "out x in" for _, label in cols]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-                     for line in [head, *body])
+    return fmt(rows)

@@ -19,9 +19,8 @@ from ds_quant.cli import main
 from ds_quant.config import ActScope, QuantConfig, ScaleMethod
 from ds_quant.experts import Fp8Experts
 from ds_quant.layer_spec import Kind, record_scales, record_spec, resolve
-from ds_quant.measurements import layer_table
 from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.workbook import rows as workbook_rows
+from ds_quant.tables import layer_table, workbook_rows
 
 OVERRIDE = r"mlp\.down_proj"  # these layers use maxabs_pow2; every other layer the default maxabs_hw
 
