@@ -184,7 +184,7 @@ def record_scales(spec: LayerSpec, record: dict) -> tuple[float | str | None, fl
 
 
 # An expert projection's record, `{block}.gate_up_proj.{e}` (experts.record_name): its numbers are its block's.
-_EXPERT_RECORD = re.compile(r"^(?P<block>.+)\.(?:gate_up_proj|down_proj)\.\d+$")
+_EXPERT_RECORD = re.compile(r"^(?P<block>.+)\.(?P<proj>gate_up_proj|down_proj)\.\d+$")
 
 
 def record_spec(config: QuantConfig, record_name: str) -> LayerSpec:
@@ -196,3 +196,21 @@ def record_spec(config: QuantConfig, record_name: str) -> LayerSpec:
 def table_specs(doc: Mapping, config: QuantConfig) -> dict[str, LayerSpec]:
     """{record name: spec} for every layer of a measurement document, as QUANTIZE resolves them."""
     return {name: record_spec(config, name) for name in doc["layers"]}
+
+
+def scaling_records(doc: Mapping) -> dict[str, dict]:
+    """The records as QUANTIZE scales from them: an expert that saw no calibration token takes the largest input
+    max-abs of its block's experts for that projection (experts._fill_unseen); every other record as measured."""
+    layers = doc["layers"]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in layers:
+        m = _EXPERT_RECORD.match(name)
+        if m:
+            groups.setdefault((m["block"], m["proj"]), []).append(name)
+    out = dict(layers)
+    for names in groups.values():
+        unseen = [n for n in names if layers[n]["samples"] == 0]
+        if unseen:
+            top = max(float(layers[n]["input_amax"] or 0.0) for n in names)
+            out.update({n: {**layers[n], "input_amax": top} for n in unseen})
+    return out

@@ -33,9 +33,10 @@ def workbook_rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[li
     `weight_scale` are what QUANTIZE gives the layer with this config (its LayerSpec: scale_method_overrides,
     scale_params, outlier channels ...), the same numbers as `ds-quant inspect --quant-config`; then the scales
     every method would give with the config's other settings, the configured method first."""
-    from .layer_spec import record_scales, table_specs
+    from .layer_spec import record_scales, scaling_records, table_specs
 
     specs = table_specs(doc, config)
+    scaled = scaling_records(doc)  # an expert unseen in calibration: scaled as QUANTIZE fills it
     methods = [config.scale_method] + [m for m in ScaleMethod if m is not config.scale_method]
     header = list(_BASE_COLUMNS) + ["scale_method", "input_scale", "weight_scale"]
     for m in methods:
@@ -47,9 +48,9 @@ def workbook_rows(doc: Mapping, config: QuantConfig) -> tuple[list[str], list[li
         spec = specs[name]
         row = [name, rec["kind"], rec["out_features"], rec["in_features"], rec.get("local_in_features", rec["in_features"]),
                rec["input_amax"], channel_outlier_ratio(channels), rec.get("output_amax"), rec.get("weight_amax"),
-               rec["samples"], spec.method.value, *record_scales(spec, rec)]
+               rec["samples"], spec.method.value, *record_scales(spec, scaled[name])]
         for m in methods:
-            row += list(record_scales(spec.with_method(m), rec))
+            row += list(record_scales(spec.with_method(m), scaled[name]))
         out.append(row)
     return header, out
 
@@ -137,13 +138,14 @@ def layer_table(doc: Mapping, scale_method: str = "maxabs_hw", device_for_scales
     (per-tensor; per-channel weight scales and opt-weight choices need the weights: shown as such), with HQT's
     default backoffs. `specs` ({record name: LayerSpec}, `layer_spec.table_specs(doc, config)`): each layer's own
     spec instead (a config's scale_params, scale_method_overrides, outlier channels ...), the method in each row."""
-    from .layer_spec import default_spec, record_scales
+    from .layer_spec import default_spec, record_scales, scaling_records
 
     fixed = None if specs is not None else default_spec("", scale_method, device_for_scales, fp8_config)
+    scaled = scaling_records(doc) if specs is not None else doc["layers"]  # unseen experts: as QUANTIZE fills them
     rows = []
     for name, rec in doc["layers"].items():
         spec = fixed if specs is None else specs[name]
-        in_scale, w_scale = record_scales(spec, rec)
+        in_scale, w_scale = record_scales(spec, scaled[name])
         row = {"layer": name, "kind": rec["kind"], "out_features": rec["out_features"],
                "in_features": rec["in_features"], "input_amax": rec["input_amax"],
                "output_amax": rec.get("output_amax"), "weight_amax": rec.get("weight_amax"), "samples": rec["samples"],
