@@ -284,3 +284,18 @@ def test_experts_twin_agrees_with_the_tables_through_the_blocks_spec(tmp_path, c
             assert in_scale >= doc["layers"][name]["input_amax"] / 448  # input_backoff 1.0, rounded up to 2^k
         top = max(float(getattr(fp8, f"{proj}_input_scale")[e]) for e in range(n_experts))
         assert float(getattr(fp8, f"{proj}_input_scale")[3]) == top > 0  # the unseen expert: the largest
+
+
+def test_convert_gives_the_same_scales_as_the_twins(measured, tiny_model):
+    """`ds-quant convert` (convert.quantize_linear, which still reads the config itself) lands on the same numbers
+    as the spec-driven twins for this config: exact equality, same float32 formulas on the same weights."""
+    from ds_quant.convert import quantize_linear
+
+    tmp, merged = measured
+    cfg = QuantConfig.from_dict(settings(tmp))
+    twins = twins_scales(tiny_model, cfg)
+    doc = json.loads(open(merged).read())
+    weights = {n: m.weight.detach() for n, m in load(tiny_model).named_modules() if n in twins}
+    for name, (in_scale, w_scale) in twins.items():
+        layer, _ = quantize_linear(name, weights[name], cfg, doc["layers"][name])
+        assert float(layer.input_scale) == in_scale and float(layer.weight_scale) == float(w_scale), name
