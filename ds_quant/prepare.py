@@ -183,15 +183,18 @@ def fp8_maker(cfg: QuantConfig, targets: list[tuple[str, nn.Module]]):
 def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts: list[tuple[str, nn.Module]]):
     """(linear maker, experts maker) for QUANTIZE."""
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
-    # Each layer's numbers come from its LayerSpec, resolved here once; the twins never read the config.
+    # Each layer's numbers: its LayerSpec, resolved here once per layer; the twins never read the config.
+    specs = {fqn: layer_spec.resolve(cfg, fqn) for fqn, _ in targets}
+    specs_experts = {fqn: layer_spec.resolve(cfg, fqn, "experts") for fqn, _ in experts}
+
     def spec(fqn: str) -> layer_spec.LayerSpec:
-        return layer_spec.resolve(cfg, fqn)
+        return specs[fqn] if fqn in specs else layer_spec.resolve(cfg, fqn)
 
     def experts_spec(fqn: str) -> layer_spec.LayerSpec:
-        return layer_spec.resolve(cfg, fqn, "experts")
+        return specs_experts[fqn] if fqn in specs_experts else layer_spec.resolve(cfg, fqn, "experts")
 
-    measured = [(fqn, m) for fqn, m in targets if spec(fqn).needs_measurements]
-    measured_experts = [(fqn, m) for fqn, m in experts if experts_spec(fqn).needs_measurements]
+    measured = [(fqn, m) for fqn, m in targets if specs[fqn].needs_measurements]
+    measured_experts = [(fqn, m) for fqn, m in experts if specs_experts[fqn].needs_measurements]
     if not measured and not measured_experts:
         return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn), None),
                 lambda module, fqn: Fp8Experts.from_original(module, fqn, experts_spec(fqn), None))
