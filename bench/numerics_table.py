@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ds_quant.config import QuantConfig, ScaleMethod
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import sqnr_db
 
@@ -41,7 +42,7 @@ def make_data(kind: str, out_features: int = 256, in_features: int = 512, tokens
 def quantize(layer: nn.Linear, x: torch.Tensor, method: ScaleMethod, **cfg) -> Fp8Linear:
     record = {"input_amax": float(x.abs().max()), "weight_amax": float(layer.weight.detach().abs().max()),
               "in_features": x.shape[-1], "input_channel_amax": None}
-    return Fp8Linear.from_original(layer, "layer", QuantConfig(scale_method=method, **cfg), record)
+    return Fp8Linear.from_original(layer, "layer", resolve(QuantConfig(scale_method=method, **cfg), "layer"), record)
 
 
 def layer_sqnr(kind: str, method: ScaleMethod, **cfg) -> tuple[float, float]:

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import layer_spec
 from .config import ATTENTION_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
-from .scales import PROFILES, RECIPES, Act, input_to_scale, to_fp8_saturated
+from .scales import Act, to_fp8_saturated
 
 IMPL = "ds_quant_fp8"
 MATMUL_TYPE, SOFTMAX_TYPE = ATTENTION_TYPES
@@ -137,22 +138,20 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     fallback = getattr(config, "_attn_implementation", None) or "eager"
     if fallback == IMPL:  # the config object is shared with a model prepared before: its original is not known here
         fallback = "sdpa"
-    dtype_profile = PROFILES[cfg.device_for_scales]
-    from .scales import fp8_dtype
-
-    dtype = fp8_dtype(cfg.fp8_config)
-    sites = {}
+    sites, specs = {}, {}
     for name, m in modules.items():
         if not _uses_interface(m):
             continue
         which = {k: selected(cfg, t, n) for k, (t, n) in site_names(name).items()}
         if any(which.values()):
+            specs[name] = spec = layer_spec.resolve(cfg, name, layer_spec.Kind.ATTENTION)
             sites[name] = AttentionSite(name, cfg.mode, which["matmul_qk"], which["matmul_av"], which["softmax"],
-                                        fallback, dtype, dtype_profile.fp8_max(dtype))
+                                        fallback, spec.fp8_dtype, spec.fp8_max)
     if not sites:
         return {}
+    dtype = next(iter(sites.values())).dtype
     if cfg.mode is Mode.QUANTIZE:
-        _set_scales(sites, cfg, load)
+        _set_scales(sites, specs, load)
     for name, m in modules.items():
         setattr(m, _FALLBACK_ATTR, fallback)
         if name in sites:
@@ -168,11 +167,10 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     return sites
 
 
-def _set_scales(sites: dict[str, AttentionSite], cfg: QuantConfig, load) -> None:
+def _set_scales(sites: dict[str, AttentionSite], specs: dict[str, layer_spec.LayerSpec], load) -> None:
     from .measurements import MeasurementError
 
-    profile = PROFILES[cfg.device_for_scales]
-    need = [s for s in sites.values() if RECIPES[cfg.method_for(s.name)].act is Act.STATIC]
+    need = [s for s in sites.values() if specs[s.name].recipe.act is Act.STATIC]
     doc, where = load() if need and load is not None else ({}, "")
     records = doc.get("attention", {})
     missing = [s.name for s in need if s.name not in records]
@@ -181,15 +179,14 @@ def _set_scales(sites: dict[str, AttentionSite], cfg: QuantConfig, load) -> None
                                f"{' ...' if len(missing) > 3 else ''}; run MEASURE with 'Matmul' (or 'Softmax') in "
                                "the allowlist's types")
     for s in sites.values():
-        recipe = RECIPES[cfg.method_for(s.name)]
+        spec = specs[s.name]
         for op in OPERANDS:
-            if recipe.act is Act.UNIT:
+            if spec.recipe.act is Act.UNIT:
                 s.scales[op] = 1.0
-            elif recipe.act is Act.DYNAMIC:
+            elif spec.recipe.act is Act.DYNAMIC:
                 s.scales[op] = None
             else:
-                amax = torch.tensor(records[s.name][f"{op}_amax"], dtype=torch.float32)
-                s.scales[op] = float(input_to_scale(amax, recipe, s.dtype, profile, cfg.input_backoff))
+                s.scales[op] = float(spec.input_scale(records[s.name][f"{op}_amax"]))
 
 
 def _register() -> None:

@@ -36,21 +36,43 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import json
 
     from . import measurements as ms
+    from . import tables
 
+    flags = {"--scale-method": args.scale_method, "--device-for-scales": args.device_for_scales, "--fp8": args.fp8}
     try:
         doc = ms.load(args.file)
-        rows = ms.layer_table(doc, args.scale_method, args.device_for_scales, args.fp8)
+        if args.quant_config:
+            given = [k for k, v in flags.items() if v is not None]
+            if given:
+                raise ConfigError(f"ds-quant inspect: {', '.join(given)} and --quant-config both set the scales; "
+                                  "drop the flag (the config's scale_method, device_for_scales and fp8_config apply)")
+            from .layer_spec import table_specs
+
+            cfg = QuantConfig.from_json(args.quant_config)
+            rows = tables.layer_table(doc, specs=table_specs(doc, cfg))
+            what = (f"scales QUANTIZE uses with {args.quant_config} (scale_method {cfg.scale_method.value}"
+                    + (f", {len(cfg.scale_method_overrides)} override(s)" if cfg.scale_method_overrides else "")
+                    + f", input_backoff {cfg.input_backoff:g}, weight_backoff {cfg.weight_backoff:g}, "
+                    f"{cfg.device_for_scales.value}, {cfg.fp8_config.value}"
+                    + (f", {cfg.outlier_channels} outlier channel(s)" if cfg.outlier_channels else "")
+                    + (f", act_scope {cfg.act_scope.value}" if cfg.act_scope.value != "global" else "") + ")")
+            method = cfg.scale_method.value
+        else:
+            method = args.scale_method or "maxabs_hw"
+            device, fp8 = args.device_for_scales or "cuda", args.fp8 or "E4M3"
+            rows = tables.layer_table(doc, method, device, fp8)
+            what = f"scales for {method} ({device}, {fp8})"
     except (ms.MeasurementError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
         head = {k: v for k, v in doc.items() if k != "layers"}
-        print(json.dumps({**head, "scale_method": args.scale_method, "layers": rows}, indent=1))
+        extra = {"quant_config": args.quant_config} if args.quant_config else {}
+        print(json.dumps({**head, "scale_method": method, **extra, "layers": rows}, indent=1))
     else:
         print(f"{args.file}: {doc['kind']}, world size {doc['world_size']}, observer {doc['observer']}, "
-              f"dtype {doc['dtype']}, fingerprint {doc['fingerprint']}, {len(rows)} layers; "
-              f"scales for {args.scale_method} ({args.device_for_scales}, {args.fp8})")
-        print(ms.format_table(rows))
+              f"dtype {doc['dtype']}, fingerprint {doc['fingerprint']}, {len(rows)} layers; {what}")
+        print(tables.format_table(rows))
     return 0
 
 
@@ -117,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=merge_cmd)
     p = sub.add_parser("inspect", help="a table of a measurement file, with the scales a scale method would give")
     p.add_argument("file")
-    p.add_argument("--scale-method", default="maxabs_hw")
-    p.add_argument("--device-for-scales", default="cuda")
-    p.add_argument("--fp8", default="E4M3", help="E4M3 or E5M2")
+    p.add_argument("--scale-method", help="default maxabs_hw (HQT's default backoffs)")
+    p.add_argument("--device-for-scales", help="default cuda")
+    p.add_argument("--fp8", help="E4M3 (default) or E5M2")
+    p.add_argument("--quant-config", metavar="CFG", help="print the scales QUANTIZE uses with this config, layer by "
+                   "layer (its scale_method, scale_method_overrides, scale_params, device, fp8 and outlier channels)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=inspect_cmd)
     p = sub.add_parser("import-hqt", help="convert HQT/INC measurement files (one per rank) into PREFIX.json")

@@ -23,17 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import MeasureExclude, QuantConfig
+from .config import MeasureExclude
+from .layer_spec import LayerSpec, require_spec
 from .log import get_logger
 from .observers import MaxAbsObserver
-from .scales import (
-    PROFILES,
-    RECIPES,
-    Act,
-    fp8_dtype,
-    input_to_scale,
-    quantize_weight,
-)
+from .scales import Act, quantize_weight
 
 PROJ = ("gate_up_proj", "down_proj")
 
@@ -108,8 +102,8 @@ class MeasuredExperts(_TwinExperts):
                           for p in PROJ for e in range(self.num_experts)}
 
     @classmethod
-    def from_original(cls, module: nn.Module, name: str, config: QuantConfig) -> MeasuredExperts:
-        return cls(name, module, config.measure_exclude)
+    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec) -> MeasuredExperts:
+        return cls(name, module, require_spec(spec, "MeasuredExperts.from_original").measure_exclude)
 
     def project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         obs = self.observers[(proj, expert)]
@@ -153,25 +147,24 @@ class Fp8Experts(_TwinExperts):
             self.register_buffer(f"{p}_input_scale", None if input_scales is None else input_scales[p])
 
     @classmethod
-    def from_original(cls, module: nn.Module, name: str, config: QuantConfig, layers: dict | None) -> Fp8Experts:
-        """`layers`: the measurement file's records (None when the method needs none)."""
-        recipe = RECIPES[config.method_for(name)]
-        dtype = fp8_dtype(config.fp8_config)
-        profile = PROFILES[config.device_for_scales]
+    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec, layers: dict | None) -> Fp8Experts:
+        """`spec`: the block's numbers (`layer_spec.resolve(config, name, "experts")`); `layers`: the measurement
+        file's records (None when the method needs none)."""
+        spec = require_spec(spec, "Fp8Experts.from_original")
+        recipe = spec.recipe
         weights, scales, inputs = {}, {}, {}
         for p in PROJ:
             w_hp = getattr(module, p).detach()
-            q = [quantize_weight(w_hp[e], recipe, dtype, profile, config.weight_backoff) for e in range(len(w_hp))]
+            q = [quantize_weight(w_hp[e], recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff)
+                 for e in range(len(w_hp))]
             weights[p] = torch.stack([w for w, _ in q])
             scales[p] = torch.stack([s.float() for _, s in q])
             if recipe.act is not Act.DYNAMIC:
                 amax = [float(layers[record_name(name, p, e)]["input_amax"] or 0.0) if layers else 0.0
                         for e in range(len(w_hp))]
-                inputs[p] = torch.stack([input_to_scale(torch.tensor(a, device=w_hp.device), recipe, dtype, profile,
-                                                        config.input_backoff).float().reshape(())
+                inputs[p] = torch.stack([spec.input_scale(a, device=w_hp.device).float()
                                          for a in _fill_unseen(name, p, amax, layers)])
-        return cls(name, module, weights, scales, None if recipe.act is Act.DYNAMIC else inputs,
-                   profile.fp8_max(dtype))
+        return cls(name, module, weights, scales, None if recipe.act is Act.DYNAMIC else inputs, spec.fp8_max)
 
     def project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         w_fp8 = getattr(self, proj)[expert]

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import layer_spec
 from .config import KV_CACHE_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
-from .scales import PROFILES, RECIPES, Act, amax_to_scale, fp8_dtype, input_to_scale, to_fp8_saturated
+from .scales import Act, amax_to_scale, to_fp8_saturated
 
 KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
 _PLAN_ATTR = "_ds_quant_kv"
@@ -122,11 +123,11 @@ def plan_for(model, cfg: QuantConfig, load=None) -> KVPlan | None:
     if not names:
         return None
     heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    profile = PROFILES[cfg.device_for_scales]
-    dtype = fp8_dtype(cfg.fp8_config)
-    plan = KVPlan(cfg.mode, names, heads, dtype, profile.fp8_max(dtype), cfg.input_backoff)
+    specs = {n: layer_spec.resolve(cfg, n, "kv_cache") for n in names.values()}
+    first = next(iter(specs.values()))  # dtype, device profile and backoff are the same for every KV layer
+    plan = KVPlan(cfg.mode, names, heads, first.fp8_dtype, first.fp8_max, first.input_backoff)
     if cfg.mode is Mode.QUANTIZE:
-        plan.scales, plan.source = _scales(plan, cfg, load)
+        plan.scales, plan.source = _scales(plan, specs, cfg, load)
         if plan.scales is None:
             return None
     return plan
@@ -137,17 +138,17 @@ def _full_attention(text, idx: int) -> bool:
     return types is None or idx >= len(types) or types[idx] == "full_attention"
 
 
-def _scales(plan: KVPlan, cfg: QuantConfig, load):
+def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], cfg: QuantConfig, load):
     """({idx: (k_scale, v_scale)}, source) from the measurements' kv records; (None, source) keeps the bf16 cache
     (a file without kv records, e.g. calibrated by forward calls only, and a config that does not name KVCache)."""
     from .measurements import MeasurementError
 
     out, missing = {}, []
-    static = [n for n in plan.names.values() if RECIPES[cfg.method_for(n)].act is Act.STATIC]
+    static = [n for n in plan.names.values() if specs[n].recipe.act is Act.STATIC]
     doc, where = load() if static and load is not None else ({}, "")
     records = doc.get("kv", {})
     for idx, name in plan.names.items():
-        recipe = RECIPES[cfg.method_for(name)]
+        recipe = specs[name].recipe
         if recipe.act is Act.UNIT:
             out[idx] = (1.0, 1.0)
         elif recipe.act is Act.DYNAMIC:
@@ -159,10 +160,7 @@ def _scales(plan: KVPlan, cfg: QuantConfig, load):
             if len(rec["key_head_amax"]) != plan.model_heads:
                 raise MeasurementError(f"{where}: {name}: measured {len(rec['key_head_amax'])} KV heads, the model "
                                        f"has {plan.model_heads}; measure this model")
-            profile = PROFILES[cfg.device_for_scales]
-            out[idx] = tuple(float(input_to_scale(torch.tensor(max(rec[k]), dtype=torch.float32), recipe,
-                                                  plan.dtype, profile, plan.backoff))
-                             for k in ("key_head_amax", "value_head_amax"))
+            out[idx] = tuple(float(specs[name].input_scale(max(rec[k]))) for k in ("key_head_amax", "value_head_amax"))
     if missing and KV_TYPE in cfg.allowlist.types:
         raise MeasurementError(f"{where}: no KV-cache measurements for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
                                "; run MEASURE with this config and a script that calls model.generate()")

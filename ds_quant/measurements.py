@@ -725,66 +725,15 @@ def bench_merge(n_shards: int = 64, n_layers: int = 1000, width: int = 1024, fol
             "offline_merge_seconds": offline, "shard_bytes": shard_bytes, "merged_bytes": merged_bytes}
 
 
-# -- inspect (`ds-quant inspect FILE`) ----------------------------------------------------------------------
-def layer_table(doc: Mapping, scale_method: str = "maxabs_hw", device_for_scales: str = "cuda",
-                fp8_config: str = "E4M3") -> list[dict]:
-    """One row per layer: kind, full shape, max-abs values and the scales `scale_method` would give
-    (per-tensor; per-channel weight scales and opt-weight choices need the weights: shown as such)."""
-    import torch
+# -- inspect (`ds-quant inspect FILE`): the table lives in tables.py; these names stay for callers ----------------
+# (imported when called: this module loads on its own, without the package; see test_measurements)
+def layer_table(*args, **kwargs) -> list[dict]:
+    from .tables import layer_table as table
 
-    from .config import DeviceForScales, Fp8Format, ScaleMethod
-    from .scales import (
-        INPUT_BACKOFF,
-        PROFILES,
-        RECIPES,
-        WEIGHT_BACKOFF,
-        Act,
-        amax_to_scale,
-        fp8_dtype,
-        input_to_scale,
-    )
-
-    method = ScaleMethod.parse(scale_method, "--scale-method", "ds-quant inspect")
-    profile = PROFILES[DeviceForScales.parse(device_for_scales, "--device-for-scales", "ds-quant inspect")]
-    dtype = fp8_dtype(Fp8Format.parse(fp8_config, "--fp8", "ds-quant inspect"))
-    recipe = RECIPES[method]
-    rows = []
-    for name, rec in doc["layers"].items():
-        if recipe.act is Act.DYNAMIC:
-            in_scale = "dynamic"
-        elif rec["input_amax"] is None:
-            in_scale = None
-        else:
-            in_scale = float(input_to_scale(torch.tensor(float(rec["input_amax"])), recipe, dtype, profile,
-                                            INPUT_BACKOFF))
-        w = rec.get("weight_amax")
-        if recipe.weight_unit:
-            w_scale = 1.0
-        elif recipe.weight_per_channel:
-            w_scale = "per-channel"
-        elif w is None:
-            w_scale = None
-        else:
-            w_scale = float(amax_to_scale(torch.tensor(float(w)), profile.fp8_max(dtype), WEIGHT_BACKOFF,
-                                          recipe.weight_rounding, profile))
-            w_scale = f"<= {w_scale:.6g} (opt)" if recipe.weight_opt else w_scale
-        rows.append({"layer": name, "kind": rec["kind"], "out_features": rec["out_features"],
-                     "in_features": rec["in_features"], "input_amax": rec["input_amax"],
-                     "output_amax": rec.get("output_amax"), "weight_amax": w, "samples": rec["samples"],
-                     "input_scale": in_scale, "weight_scale": w_scale})
-    return rows
+    return table(*args, **kwargs)
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    from .tables import format_table as fmt
 
-    cols = [("layer", "layer"), ("kind", "kind"), ("shape", None), ("input_amax", "in amax"),
-            ("output_amax", "out amax"), ("weight_amax", "w amax"), ("input_scale", "in scale"),
-            ("weight_scale", "w scale"), ("samples", "samples")]
-    body = [[r["layer"], r["kind"], f"{cell(r['out_features'])}x{cell(r['in_features'])}",
-             *(cell(r[k]) for k, _ in cols[3:])] for r in rows]
-    head = [label or "out x in" for _, label in cols]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-                     for line in [head, *body])
+    return fmt(rows)

@@ -2,7 +2,8 @@
 
 Both keep the original layer's tensor-parallel layout (`tp.TPLayout`): the local input, DeepSpeed's
 allreduce and bias placement. The GEMM is the only thing they change. Mode is the class: a layer is
-built from the original with `from_original(...)` and never switches behaviour at run time.
+built from the original with `from_original(...)` and never switches behaviour at run time. A twin takes its
+layer's `LayerSpec` (layer_spec.resolve) and never reads the config.
 """
 
 from __future__ import annotations
@@ -14,17 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import ActScope, MeasureExclude, QuantConfig
+from .config import ActScope, MeasureExclude
+from .layer_spec import LayerSpec, outlier_split, require_spec
 from .observers import MaxAbsObserver
-from .scales import (
-    PROFILES,
-    RECIPES,
-    Act,
-    fp8_dtype,
-    input_to_scale,
-    quantize_weight,
-    tensor_to_amax,
-)
+from .scales import Act, quantize_weight, tensor_to_amax
 from .tp import Kind, TPLayout
 
 
@@ -68,8 +62,9 @@ class MeasuredLinear(_TwinLinear):
         self.dump = None  # observer "save": the rank's TensorDump (tensor_dump.py), shared by its layers
 
     @classmethod
-    def from_original(cls, module: nn.Module, name: str, config: QuantConfig) -> MeasuredLinear:
-        return cls(name, TPLayout.of(module), module.weight, module.bias, config.measure_exclude)
+    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec) -> MeasuredLinear:
+        spec = require_spec(spec, "MeasuredLinear.from_original")
+        return cls(name, TPLayout.of(module), module.weight, module.bias, spec.measure_exclude)
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self.observer.observe_input(x_local)
@@ -124,27 +119,26 @@ class Fp8Linear(_TwinLinear):
         return ops.fallback_reason(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
 
     @classmethod
-    def from_original(cls, module: nn.Module, name: str, config: QuantConfig, record: dict | None) -> Fp8Linear:
-        """`record` is the layer's measurement (None when the method needs none)."""
+    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec, record: dict | None) -> Fp8Linear:
+        """`spec`: the layer's numbers (`layer_spec.resolve(config, name)`); `record`: its measurement (None when
+        the method needs none)."""
+        spec = require_spec(spec, "Fp8Linear.from_original")
         layout = TPLayout.of(module)
-        recipe = RECIPES[config.method_for(name)]
-        dtype = fp8_dtype(config.fp8_config)
-        profile = PROFILES[config.device_for_scales]
+        recipe = spec.recipe
         w_hp = module.weight.detach()
         if record is not None and record.get("weight_amax") is not None:
             _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
-        outliers = split_outliers(record, layout, w_hp, config.outlier_channels) if record else None
+        outliers = split_outliers(record, layout, w_hp, spec.outlier_channels) if record else None
         if outliers is not None:
             w_hp, record = outliers.weight_rest, outliers.record
         reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
-        w_fp8, weight_scale = quantize_weight(w_hp, recipe, dtype, profile, config.weight_backoff, reduce_max,
-                                              reduce_sum)
+        w_fp8, weight_scale = quantize_weight(w_hp, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff,
+                                              reduce_max, reduce_sum)
         input_scale = None
         if recipe.act is not Act.DYNAMIC:
-            amax = torch.tensor(input_amax(record, layout, config.act_scope) if record else 0.0, device=w_hp.device)
-            input_scale = input_to_scale(amax, recipe, dtype, profile, config.input_backoff)
-        return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, profile.fp8_max(dtype),
-                   outliers)
+            input_scale = spec.input_scale(input_amax(record, layout, spec.act_scope) if record else 0.0,
+                                           device=w_hp.device)
+        return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, spec.fp8_max, outliers)
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # Outlier channels: their weight columns are zero in FP8 (whatever the saturated cast makes of those
@@ -183,17 +177,14 @@ def split_outliers(record: dict, layout: TPLayout, w_hp: torch.Tensor, k: int) -
     """The K input channels of largest measured max-abs (model-level, so every TP size picks the same ones)
     stay high precision; the input scale comes from the other channels. None when K = 0, the record has no
     channel statistics, or the local weight is not a slice of them (sub-parameter layouts)."""
-    channels = record.get("input_channel_amax")
-    if k <= 0 or channels is None or len(channels) != record["in_features"] or k >= len(channels):
+    split = outlier_split(record, k)  # the same channels and rest the tables (layer_spec.record_scales) use
+    if split is None:
         return None
-    ch = torch.as_tensor(channels, dtype=torch.float32)
-    top = torch.topk(ch, k).indices.sort().values
-    part = layout.input_slice() or slice(0, len(ch))
+    top, rest_channels = split
+    part = layout.input_slice() or slice(0, len(rest_channels))
     if part.stop - part.start != w_hp.shape[1]:
         return None
     local = top[(top >= part.start) & (top < part.stop)] - part.start
-    rest_channels = ch.clone()
-    rest_channels[top] = 0
     rest = {**record, "input_amax": float(rest_channels.max()), "input_channel_amax": rest_channels.numpy()}
     local = local.to(w_hp.device)
     weight_rest = w_hp.clone()

@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import attention, dist, kv_cache, measurements, tensor_dump
+from . import attention, dist, kv_cache, layer_spec, measurements, tensor_dump
 from . import load as fp8_load
 from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
@@ -25,7 +25,6 @@ from .patch import (
     skipped_tp_layers,
     swap,
 )
-from .scales import RECIPES
 from .tensor_dump import TensorDump
 from .tp import TPLayout, spec_of
 
@@ -169,7 +168,7 @@ def _measured_maker(cfg: QuantConfig):
     dump = TensorDump(cfg.save_max_bytes) if cfg.observer is Observer.SAVE else None  # one budget per rank
 
     def make(module: nn.Module, fqn: str) -> MeasuredLinear:
-        m = MeasuredLinear.from_original(module, fqn, cfg)
+        m = MeasuredLinear.from_original(module, fqn, layer_spec.resolve(cfg, fqn))
         m.dump = dump
         return m
 
@@ -178,7 +177,7 @@ def _measured_maker(cfg: QuantConfig):
 
 def _measured_experts_maker(cfg: QuantConfig):
     def make(module: nn.Module, fqn: str) -> MeasuredExperts:
-        return MeasuredExperts.from_original(module, fqn, cfg)
+        return MeasuredExperts.from_original(module, fqn, layer_spec.resolve(cfg, fqn, "experts"))
 
     return make
 
@@ -191,11 +190,21 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
                 model: nn.Module | None = None):
     """(linear maker, experts maker) for QUANTIZE; with `smooth_alpha`, `model` is smoothed in place first."""
     # Only static activation scales need measurements (unit_scale and dynamic per-token do not).
-    measured = [(fqn, m) for fqn, m in targets if RECIPES[cfg.method_for(fqn)].needs_measurements]
-    measured_experts = [(fqn, m) for fqn, m in experts if RECIPES[cfg.method_for(fqn)].needs_measurements]
+    # Each layer's numbers: its LayerSpec, resolved here once per layer; the twins never read the config.
+    specs = {fqn: layer_spec.resolve(cfg, fqn) for fqn, _ in targets}
+    specs_experts = {fqn: layer_spec.resolve(cfg, fqn, "experts") for fqn, _ in experts}
+
+    def spec(fqn: str) -> layer_spec.LayerSpec:
+        return specs[fqn] if fqn in specs else layer_spec.resolve(cfg, fqn)
+
+    def experts_spec(fqn: str) -> layer_spec.LayerSpec:
+        return specs_experts[fqn] if fqn in specs_experts else layer_spec.resolve(cfg, fqn, "experts")
+
+    measured = [(fqn, m) for fqn, m in targets if specs[fqn].needs_measurements]
+    measured_experts = [(fqn, m) for fqn, m in experts if specs_experts[fqn].needs_measurements]
     if not measured and not measured_experts:
-        return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, None),
-                lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, None))
+        return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn), None),
+                lambda module, fqn: Fp8Experts.from_original(module, fqn, experts_spec(fqn), None))
     rank, world, group = tp_position(TPLayout.of(m) for _, m in measured)
     g = _group(group, world)
     doc, where = read_measurements(cfg.dump_stats_path, world, g)
@@ -210,10 +219,10 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
 
         doc = {**doc, "layers": fold_for_quantize(model, doc["layers"], cfg, g)}
     with_records = {fqn for fqn, _ in measured_experts}
-    return (lambda module, fqn: Fp8Linear.from_original(module, fqn, cfg, doc["layers"].get(fqn) if fqn in wanted
-                                                        else None),
-            lambda module, fqn: Fp8Experts.from_original(module, fqn, cfg, doc["layers"] if fqn in with_records
-                                                         else None))
+    return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn),
+                                                        doc["layers"].get(fqn) if fqn in wanted else None),
+            lambda module, fqn: Fp8Experts.from_original(module, fqn, experts_spec(fqn),
+                                                         doc["layers"] if fqn in with_records else None))
 
 
 def read_measurements(prefix: str, world: int, group) -> tuple[dict, str]:

@@ -17,6 +17,7 @@ from torch import nn
 import ds_quant
 from ds_quant import measurements as ms
 from ds_quant.config import QuantConfig
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear, MeasuredLinear
 from ds_quant.scales import sqnr_db
 from ds_quant.tp import DS_SPECS, PLAIN, Input, Kind, TPLayout, spec_of, unhandled_tp_reason
@@ -93,7 +94,7 @@ def build(case: str, rank: int, world: int, cases=None):
 
 
 def measured_twin(module):
-    return MeasuredLinear.from_original(module, "l", QuantConfig(mode="MEASURE", measure_exclude="NONE"))
+    return MeasuredLinear.from_original(module, "l", resolve(QuantConfig(mode="MEASURE", measure_exclude="NONE"), "l"))
 
 
 def merged_record(modules, xs):
@@ -271,7 +272,8 @@ def test_empty_shard_measures_and_quantizes(tmp_path):
     measured(torch.randn(1, 3, 0))
     assert measured.stats()["input_amax"] == 0.0 and measured.stats()["in_features"] == 8
     record = {"input_amax": 0.0, "weight_amax": 0.0, "in_features": 8, "input_channel_amax": None}
-    fp8 = Fp8Linear.from_original(layers.LinearAllreduce(empty, None), "o_proj", ds_quant.QuantConfig(), record)
+    fp8 = Fp8Linear.from_original(layers.LinearAllreduce(empty, None), "o_proj", resolve(ds_quant.QuantConfig(), "o_proj"),
+                                  record)
     assert fp8.fallback_reason.startswith("empty shard")
     y = fp8(torch.randn(1, 3, 0, dtype=torch.float32))
     assert y.shape == (1, 3, 16) and not y.any()

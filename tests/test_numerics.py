@@ -16,6 +16,7 @@ from torch import nn
 import ds_quant
 from bench.numerics_table import KINDS, layer_sqnr, make_data, quantize
 from ds_quant.config import DeviceForScales, QuantConfig, ScaleMethod
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import (
     PROFILES,
@@ -132,7 +133,7 @@ def test_no_zero_or_non_finite_scale(method, weight_value, input_amax):
     with torch.no_grad():
         layer.weight.fill_(weight_value)
     record = {"input_amax": input_amax, "weight_amax": None, "in_features": 16, "input_channel_amax": None}
-    fp8 = Fp8Linear.from_original(layer, "l", QuantConfig(scale_method=method), record)
+    fp8 = Fp8Linear.from_original(layer, "l", resolve(QuantConfig(scale_method=method), "l"), record)
     for s in (fp8.weight_scale, fp8.input_scale):
         if s is not None:
             assert torch.isfinite(s).all() and (s > 0).all() and torch.isfinite(1 / s).all()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ds_quant import QuantConfig, ops
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import sqnr_db, to_fp8_saturated
 
@@ -169,7 +170,7 @@ def test_fp8_linear_every_cpu_backend_agrees(monkeypatch, backend):
     layer = nn.Linear(64, 48).to(torch.bfloat16)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     record = {"input_amax": float(x.abs().max()), "weight_amax": float(layer.weight.detach().abs().max())}
-    fp8 = Fp8Linear.from_original(layer, "layer", QuantConfig(), record)
+    fp8 = Fp8Linear.from_original(layer, "layer", resolve(QuantConfig(), "layer"), record)
     monkeypatch.setenv("DS_QUANT_CPU_BACKEND", "reference")
     y_ref = fp8(x)
     monkeypatch.setenv("DS_QUANT_CPU_BACKEND", backend)
@@ -184,7 +185,7 @@ def test_layer_built_on_meta_picks_the_cpu_kernel_once_materialised(monkeypatch)
     torch.manual_seed(0)
     layer = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     record = {"input_amax": 3.0, "weight_amax": float(layer.weight.detach().abs().max())}
-    real = Fp8Linear.from_original(layer, "l", QuantConfig(), record)
+    real = Fp8Linear.from_original(layer, "l", resolve(QuantConfig(), "l"), record)
     # As a checkpoint loader builds it: the constructor on meta (no data), then to_empty + load_state_dict.
     meta = Fp8Linear("l", real.layout, real.weight.to("meta"), real.weight_scale.to("meta"),
                      real.input_scale.to("meta"), None, torch.bfloat16, real.act_limit)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ds_quant.config import ConfigError, QuantConfig
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear, MeasuredLinear
 from ds_quant.scales import sqnr_db
 from ds_quant.tp import TPLayout
@@ -31,14 +32,14 @@ def _same(t):
 
 
 def record_of(module, x):
-    twin = MeasuredLinear.from_original(module, "l", QuantConfig(mode="MEASURE", measure_exclude="NONE"))
+    twin = MeasuredLinear.from_original(module, "l", resolve(QuantConfig(mode="MEASURE", measure_exclude="NONE"), "l"))
     with torch.no_grad():
         twin(x)
     return twin.stats()
 
 
 def quantized(module, record, k, method="act_maxabs_pow2_weights_pcs_opt_pow2"):
-    return Fp8Linear.from_original(module, "l", QuantConfig(scale_method=method, outlier_channels=k), record)
+    return Fp8Linear.from_original(module, "l", resolve(QuantConfig(scale_method=method, outlier_channels=k), "l"), record)
 
 
 def test_outlier_channels_stay_high_precision_and_lift_the_output_sqnr():
@@ -88,8 +89,8 @@ def test_dynamic_methods_and_missing_channel_statistics_keep_every_channel_fp8()
     lin = nn.Linear(256, 32, bias=False).bfloat16()
     rec = record_of(lin, features())
     assert quantized(lin, {**rec, "input_channel_amax": None}, 4).outlier_index is None
-    dyn = Fp8Linear.from_original(lin, "l", QuantConfig(scale_method="act_dynamic_per_token_weights_pcs",
-                                                        outlier_channels=4), None)
+    dyn = Fp8Linear.from_original(lin, "l", resolve(QuantConfig(scale_method="act_dynamic_per_token_weights_pcs",
+                                                                outlier_channels=4), "l"), None)
     assert dyn.outlier_index is None
 
 

@@ -83,8 +83,9 @@ def test_workbook_holds_every_patched_layer_with_scales_and_highlights(tmp_path)
     up = rows["up"]
     assert up["input_scale[maxabs_arbitrary]"] == pytest.approx(up["input_amax"] / (448 * 0.25), rel=1e-6)
     assert up["weight_scale[maxabs_arbitrary]"] == pytest.approx(up["weight_amax"] / (448 * 0.5), rel=1e-6)
-    # The configured method's columns come first.
-    assert header[10] == "input_scale[maxabs_hw]"
+    # The layer's QUANTIZE method and scales (its LayerSpec) come first, then the configured method's columns.
+    assert header[10:14] == ["scale_method", "input_scale", "weight_scale", "input_scale[maxabs_hw]"]
+    assert up["scale_method"] == "maxabs_hw" and up["input_scale"] == up["input_scale[maxabs_hw]"]
     # Channel 7 of `up`'s input got 300 against ~3 elsewhere: its outlier ratio cell is highlighted;
     # `spiky`'s weight max-abs is far above the other layers'.
     col = {h: i + 1 for i, h in enumerate(header)}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ds_quant.config import Fp8Format, QuantConfig, ScaleMethod
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import (
     INPUT_BACKOFF,
@@ -78,7 +79,7 @@ def float_reference(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def make_fp8(layer: nn.Linear, x: torch.Tensor, method=ScaleMethod.MAXABS_HW) -> Fp8Linear:
     cfg = QuantConfig(scale_method=method)
     record = {"input_amax": float(x.abs().max()), "weight_amax": float(layer.weight.detach().abs().max())}
-    return Fp8Linear.from_original(layer, "layer", cfg, record)
+    return Fp8Linear.from_original(layer, "layer", resolve(cfg, "layer"), record)
 
 
 def test_fp8_linear_against_float_reference():
@@ -124,7 +125,7 @@ def test_e5m2_weights():
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)
     cfg = QuantConfig(fp8_config=Fp8Format.E5M2)
-    fp8 = Fp8Linear.from_original(layer, "l", cfg, {"input_amax": 4.0, "weight_amax": None})
+    fp8 = Fp8Linear.from_original(layer, "l", resolve(cfg, "l"), {"input_amax": 4.0, "weight_amax": None})
     assert fp8.weight.dtype is torch.float8_e5m2
     # E5M2 keeps 2 mantissa bits: ~23 dB per operand, ~20 dB for the product; 18 dB leaves margin.
     x = torch.randn(16, 64).clamp(-4, 4)
