@@ -14,6 +14,7 @@ from torch import nn
 import ds_quant
 from ds_quant import measurements, smooth
 from ds_quant.config import ConfigError, QuantConfig
+from ds_quant.layer_spec import resolve
 from ds_quant.modules import Fp8Linear, MeasuredLinear
 from ds_quant.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
@@ -49,7 +50,7 @@ def test_smoothing_lifts_a_per_tensor_fp8_linear_only_where_outliers_push_the_re
         x = x.bfloat16()
         lin = nn.Linear(256, 512, bias=False).bfloat16().requires_grad_(False)
         lin.weight[:, OUTLIERS] /= outlier
-        twin = MeasuredLinear.from_original(lin, "l", QuantConfig(mode="MEASURE", measure_exclude="NONE"))
+        twin = MeasuredLinear.from_original(lin, "l", resolve(QuantConfig(mode="MEASURE", measure_exclude="NONE"), "l"))
         twin(x)
         record, reference = twin.stats(), x.float() @ lin.weight.float().t()
         if alpha:
@@ -57,7 +58,7 @@ def test_smoothing_lifts_a_per_tensor_fp8_linear_only_where_outliers_push_the_re
             lin.weight.mul_(s.bfloat16())
             x = x / s.bfloat16()
             record = {**smooth.smoothed_record(record, s), "weight_amax": float(lin.weight.abs().max())}
-        q = Fp8Linear.from_original(lin, "l", QuantConfig(scale_method="maxabs_hw"), record)
+        q = Fp8Linear.from_original(lin, "l", resolve(QuantConfig(scale_method="maxabs_hw"), "l"), record)
         return float(sqnr_db(reference, q(x).float()))
 
     with torch.no_grad():
@@ -148,8 +149,8 @@ def test_quantize_with_smooth_alpha_folds_then_quantizes_from_the_smoothed_stati
     assert db >= 15, db
     assert "smooth_alpha 0.5: folded into 12 norm(s)/linear(s)" in caplog_ds.text
     q = model.model.layers[0].self_attn.q_proj
-    unsmoothed = Fp8Linear.from_original(reference.model.layers[0].self_attn.q_proj, "q", QuantConfig(
-        scale_method="act_maxabs_hw_weights_pcs_opt_pow2"), _doc(prefix)["layers"]["model.layers.0.self_attn.q_proj"])
+    unsmoothed = Fp8Linear.from_original(reference.model.layers[0].self_attn.q_proj, "q", resolve(QuantConfig(
+        scale_method="act_maxabs_hw_weights_pcs_opt_pow2"), "q"), _doc(prefix)["layers"]["model.layers.0.self_attn.q_proj"])
     assert isinstance(q, Fp8Linear) and float(q.input_scale) < float(unsmoothed.input_scale) / 2
 
 
