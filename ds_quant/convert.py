@@ -1,9 +1,11 @@
 """`ds-quant convert MODEL_DIR OUT_DIR --quant-config CFG`: a bf16 HF folder + the merged measurements -> an FP8
 folder (checkpoint.py), tensor by tensor.
 
-Each safetensors tensor is read through safe_open (mmap), a linear's weight is quantized with exactly the
-scales in-memory QUANTIZE gives it (model-level, so the TP size plays no role), and the source tensor is
-freed before the next. Peak memory: one output file's FP8 tensors + a few of the largest source tensors.
+Each safetensors tensor is read with pread into a buffer of its own (checkpoint.SafetensorsFile; no mmap, whose
+touched pages would all count in RSS), a linear's weight is quantized with exactly the scales in-memory QUANTIZE
+gives it (model-level, so the TP size plays no role), written straight to its place in the output file (whose
+header is planned up front, checkpoint.SafetensorsWriter) and freed before the next tensor. Peak memory: a
+few of the largest source tensors; the FP8 model is never all in memory.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 
 from . import measurements
 from .checkpoint import (
+    DTYPES,
     CheckpointError,
     FolderWriter,
     Fp8Layer,
+    SafetensorsFile,
     SafetensorsFolder,
     Scheme,
     quantization_config,
@@ -80,6 +84,8 @@ def _source_files(model_dir: Path) -> list[str]:
 def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dtype: torch.dtype = torch.bfloat16,
             progress: bool = True) -> Path:
     """Write the FP8 folder OUT_DIR for MODEL_DIR with the config's scale method and measurements."""
+    from tqdm.auto import tqdm
+
     cfg = resolve_config(config)
     _check_config(cfg)
     src = Path(model_dir)
@@ -93,33 +99,54 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     schemes, seen = {}, set()
     writer = FolderWriter(out_dir)
     try:
-        bar = _progress(src, files, progress)
-        for fname in files:
-            out = {}
-            for key, get in _tensors(src / fname):
+        sources = {fname: _open_source(src / fname) for fname in files}
+        bar = tqdm(total=sum(len(f.tensors) for f in sources.values()), desc="ds-quant convert", unit="tensor",
+                   disable=not progress)
+        for fname, f in sources.items():
+            plan, jobs = {}, []
+            for key in sorted(f.tensors, key=lambda k: f.tensors[k].begin):  # file order: sequential reads
+                info = f.tensors[key]
                 model_key = rename(key)  # the module name may differ from the file's key (legacy names)
                 name = model_key[: -len(".weight")] if model_key.endswith(".weight") else None
                 if name not in targets:
-                    out[key] = get()
-                    bar.update()
+                    plan[key] = (DTYPES[info.dtype], info.shape)
+                    jobs.append((key, None))
                     continue
-                w_hp = get().to(dtype)
-                if tuple(w_hp.shape) != linears[name]:
-                    raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(w_hp.shape)}, the model's "
+                if tuple(info.shape) != linears[name]:
+                    raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(info.shape)}, the model's "
                                           f"config says {list(linears[name])}")
-                layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
-                del w_hp
+                recipe = RECIPES[cfg.method_for(name)]
                 prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
-                out[key] = w_fp8
-                ws = layer.weight_scale
-                out[f"{prefix}.weight_scale"] = ws.reshape(-1, 1) if ws.dim() else ws.reshape(1)
-                if layer.input_scale is not None:
-                    out[f"{prefix}.input_scale"] = layer.input_scale.reshape(1)
-                schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
-                seen.add(name)
-                bar.update()
-            writer.write_tensors(fname, out)
-            del out
+                plan[key] = (fp8, info.shape)
+                plan[f"{prefix}.weight_scale"] = (torch.float32, (info.shape[0], 1) if recipe.weight_per_channel
+                                                  else (1,))
+                if recipe.act is not Act.DYNAMIC:
+                    plan[f"{prefix}.input_scale"] = (torch.float32, (1,))
+                jobs.append((key, name))
+            out = writer.stream(fname, plan)  # header first; each tensor written as it is made, then freed
+            try:
+                for key, name in jobs:
+                    if name is None:
+                        out.write(key, f.read(key))
+                        bar.update()
+                        continue
+                    w_hp = f.read(key).to(dtype)
+                    layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
+                    del w_hp
+                    prefix = key[: -len(".weight")]
+                    out.write(key, w_fp8)
+                    del w_fp8
+                    ws = layer.weight_scale
+                    out.write(f"{prefix}.weight_scale", ws.reshape(-1, 1) if ws.dim() else ws.reshape(1))
+                    if layer.input_scale is not None:
+                        out.write(f"{prefix}.input_scale", layer.input_scale.reshape(1))
+                    schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
+                    seen.add(name)
+                    bar.update()
+                out.close()
+            finally:
+                out.abort()
+            f.close()
         bar.close()
         missing = sorted(targets - seen)
         if missing:
@@ -231,25 +258,8 @@ def _check_unchanged(name: str, w_hp: torch.Tensor, record: dict | None) -> None
                               f"measured {measured:.6g}; the weights changed since MEASURE. Measure again.")
 
 
-def _tensors(path: Path):
-    """(key, loader) per tensor of one safetensors file, read lazily through safe_open (mmap)."""
-    from safetensors import safe_open
-
+def _open_source(path: Path) -> SafetensorsFile:
     try:
-        f = safe_open(str(path), framework="pt")
-        keys = list(f.keys())
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    for key in keys:
-        yield key, (lambda k=key: f.get_tensor(k))
-
-
-def _progress(src: Path, files: list[str], enabled: bool):
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    total = 0
-    for fname in files:
-        with safe_open(str(src / fname), framework="pt") as f:
-            total += len(list(f.keys()))
-    return tqdm(total=total, desc="ds-quant convert", unit="tensor", disable=not enabled)
+        return SafetensorsFile(path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("convert again", "save the model again")) from None

@@ -203,12 +203,17 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     fmax = profile.fp8_max(dtype)
     if recipe.weight_unit:
         scale = torch.ones((w_hp.shape[0],) if per_channel else (), dtype=torch.float32, device=w_hp.device)
-        return to_fp8_saturated(w_hp, scale, dtype, fmax), scale
-    amax = reduce_max(row_amax(w_hp) if per_channel else tensor_to_amax(w_hp))
+        return _cast_in_row_chunks(w_hp, scale, dtype, fmax), scale
+    chunks = _row_chunks(w_hp)  # elementwise steps and maxima in row chunks: no float32 copy of the whole weight
+    if per_channel:
+        amax = torch.cat([row_amax(c) for c in chunks]) if len(chunks) > 1 else row_amax(w_hp)
+    else:
+        amax = torch.stack([tensor_to_amax(c) for c in chunks]).amax() if len(chunks) > 1 else tensor_to_amax(w_hp)
+    amax = reduce_max(amax)
     base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
     rows = base[:, None] if per_channel else base
     if not recipe.weight_opt:
-        return to_fp8_saturated(w_hp, rows, dtype, fmax), base
+        return _cast_in_row_chunks(w_hp, rows, dtype, fmax), base
     shifts = candidate_shifts(base, recipe.weight_rounding, profile)
     # the weight in units of the maxabs scale (|v| <= fmax * backoff); copy=True: never the caller's tensor
     v = w_hp.to(torch.float32, copy=True).div_(rows)
@@ -220,6 +225,32 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     factor = torch.exp2(best.float())  # the chosen scale is base / factor
     v.mul_(factor[:, None] if per_channel else factor)
     return v.clamp_(-fmax, fmax).to(dtype), base / factor
+
+
+_CHUNK_ELEMS = 1 << 22  # 16 MB of float32 per step
+
+
+def _row_chunks(w_hp: torch.Tensor) -> list[torch.Tensor]:
+    """Row blocks of a (N, K) weight of about _CHUNK_ELEMS elements each (views, no copies)."""
+    if w_hp.dim() != 2 or w_hp.numel() <= _CHUNK_ELEMS or w_hp.shape[0] < 2:
+        return [w_hp]
+    step = max(1, _CHUNK_ELEMS // max(1, w_hp.shape[1]))
+    return list(w_hp.split(step, dim=0))
+
+
+def _cast_in_row_chunks(w_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    """`to_fp8_saturated(w_hp, scale, dtype, fmax)`, bitwise, a row block at a time (each element's cast depends
+    on it and its row's scale only), so only one block's float32 copy exists at once."""
+    chunks = _row_chunks(w_hp)
+    if len(chunks) == 1:
+        return to_fp8_saturated(w_hp, scale, dtype, fmax)
+    out = torch.empty(w_hp.shape, dtype=dtype, device=w_hp.device)
+    at = 0
+    for c in chunks:
+        s = scale[at:at + c.shape[0]] if scale.dim() == 2 else scale
+        out[at:at + c.shape[0]] = to_fp8_saturated(c, s, dtype, fmax)
+        at += c.shape[0]
+    return out
 
 
 def weight_to_scale(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, profile: DeviceProfile,
