@@ -7,8 +7,9 @@ Default model: a random Llama of ~1.1 GB in bf16 (hidden 2048, 8 layers, vocab 3
 through the real launcher (`deepspeed --num_gpus N`), the script an ordinary from_pretrained + init_inference
 (bench/ckpt_user.py); load time = from_pretrained start to init_inference end, slowest rank; peak RSS per
 rank = ru_maxrss at the end (the first forward included). Prints a markdown table with each path's ratio to
-the bf16 load, that ratio above the base RSS (each rank's ru_maxrss after importing torch + transformers +
-deepspeed, before from_pretrained), and the issue's budgets for quantize-on-load and convert."""
+the bf16 load, that ratio above the base RSS (the bf16 script's ru_maxrss per rank after importing torch +
+transformers + deepspeed, before from_pretrained: the same base for every path, as the wrapped runs initialise
+more before from_pretrained), and the issue's budgets for quantize-on-load and convert."""
 
 import argparse
 import glob
@@ -109,13 +110,13 @@ def main() -> None:
         ratio = above = "-"
         if ref is not None and label != "bf16 load + AutoTP":
             ratio = " / ".join(f"{x / y:.2f}" for x, y in zip(r["rss_mb"], ref["rss_mb"], strict=True))
-            above = " / ".join(f"{(x - b) / (y - c):.2f}" for x, y, b, c in
-                               zip(r["rss_mb"], ref["rss_mb"], r["base_mb"], ref["base_mb"], strict=True))
+            above = " / ".join(f"{(x - b) / (y - b):.2f}" for x, y, b in
+                               zip(r["rss_mb"], ref["rss_mb"], ref["base_mb"], strict=True))
         print(f"| {tp} | {label} | {' / '.join(f'{x:.0f}' for x in r['rss_mb'])} | {ratio} | {above} | "
               f"{r['load_s']:.1f} |")
-    base = [b for _, _, r in rows for b in r["base_mb"]]
-    print(f"\nbase RSS (torch + transformers + deepspeed imported, before from_pretrained): "
-          f"{min(base):.0f}-{max(base):.0f} MB per rank")
+    base = [b for r in bf16.values() for b in r["base_mb"]]
+    print(f"\nbase RSS (the bf16 script's ru_maxrss with torch + transformers + deepspeed imported, before "
+          f"from_pretrained): {min(base):.0f}-{max(base):.0f} MB per rank")
     for tp, label, r in rows:
         if label == "quantize-on-load":
             budget = sizes["fp8_linears"] / tp + sizes["largest_bf16"] + sizes["non_linear"] + 300

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": 
 ST_DTYPE = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000
 _CHUNK_BYTES = 16 << 20  # a column slice is read in row chunks of about this size
+_OWN_MAP_BYTES = 1 << 20  # buffers from this size up are anonymous mappings of their own, unmapped when freed
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,13 @@ class SafetensorsFile:
     safe_open maps the file: every page a read touches stays mapped and counts in the process's RSS until the
     handle closes, so reading a model tensor by tensor peaks near the file size. Here the header (8-byte
     little-endian length + JSON) is parsed and every entry's dtype, shape and offsets are checked at open; a read
-    copies just the bytes asked for (a row slice: one pread; a column slice: rows read in chunks)."""
+    copies just the bytes asked for (a row slice: one pread; a column slice: rows read in chunks).
+
+    Buffers of 1 MB and more are anonymous mappings of their own (`fresh_tensor`): freed, they go back to the system
+    at once, where glibc would keep freed heap blocks below its mmap threshold (up to 32 MB) and fragment, which
+    a layer-by-layer read-quantize-free loop turns into hundreds of MB. `read(..., mapped=True)` instead gives
+    a whole tensor as a copy-on-write view of the file (as safe_open does): for the weights used as they are
+    (embeddings, norms), whose untouched pages then never count, shared by the ranks through the page cache."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -159,6 +167,7 @@ class SafetensorsFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._map = None
         try:
             self.tensors, self.metadata = self._parse()
         except BaseException:
@@ -215,13 +224,19 @@ class SafetensorsFile:
                 raise self._bad(f"tensor '{key}': file ends at byte {offset + done}")
             done += got
 
-    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None) -> torch.Tensor:
+    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None,
+             mapped: bool = False) -> torch.Tensor:
         """The tensor, or rows `rows` (one slice or several, concatenated) x columns `cols` of it, in a fresh
-        buffer of its own."""
+        buffer of its own; `mapped` (whole tensors only): a copy-on-write view of the file instead."""
         info = self.tensors[key]
         dtype, shape = DTYPES[info.dtype], info.shape
+        if mapped and rows is None and cols is None and info.end > info.begin and info.begin % dtype.itemsize == 0:
+            if self._map is None:
+                self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.end - info.begin, offset=info.begin)
+            return flat.view(dtype).reshape(shape)  # the tensor keeps the mapping alive
         if rows is None and cols is None:
-            out = torch.empty(shape, dtype=dtype)
+            out = fresh_tensor(shape, dtype)
             if out.numel():
                 self._pread_into(_bytes_of(out), info.begin, key)
             return out
@@ -235,7 +250,7 @@ class SafetensorsFile:
         c1 = max(c0, c1)
         whole = cols is None or (c0 == 0 and c1 == shape[1])
         n_rows = sum(max(0, stop - start) for start, stop, _ in parts)
-        out = torch.empty((n_rows, c1 - c0, *shape[2:]) if len(shape) > 1 else (n_rows,), dtype=dtype)
+        out = fresh_tensor((n_rows, c1 - c0, *shape[2:]) if len(shape) > 1 else (n_rows,), dtype)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         at = 0
         for start, stop, _ in parts:
@@ -246,7 +261,7 @@ class SafetensorsFile:
                 self._pread_into(_bytes_of(out[at:at + k]), info.begin + start * row_bytes, key)
             else:  # column slice: whole rows in chunks, the columns copied out
                 step = max(1, _CHUNK_BYTES // max(1, row_bytes))
-                buf = torch.empty((min(step, k), *shape[1:]), dtype=dtype)
+                buf = fresh_tensor((min(step, k), *shape[1:]), dtype)
                 for i in range(0, k, step):
                     m = min(step, k - i)
                     self._pread_into(_bytes_of(buf[:m]), info.begin + (start + i) * row_bytes, key)
@@ -256,6 +271,8 @@ class SafetensorsFile:
         return out
 
     def close(self) -> None:
+        """Closes the file; tensors read `mapped` keep their mapping (and stay valid) until they are freed."""
+        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -271,6 +288,35 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def fresh_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor; from 1 MB up in an anonymous mapping of its own (unmapped when freed)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _OWN_MAP_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed blocks back to the system (glibc `malloc_trim`; a no-op elsewhere). A loop that
+    reads, quantizes and frees one layer at a time frees blocks below glibc's mmap threshold into the heap,
+    between the FP8 tensors it keeps: glibc keeps them (measured: ~470 MB of a quantize-on-load's RSS)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -395,12 +441,14 @@ class SafetensorsFolder:
     def has(self, key: str) -> bool:
         return key in self.where
 
-    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None) -> torch.Tensor:
-        """The tensor `key`, or only rows `rows` (a slice or several, concatenated) x columns `cols`."""
+    def read(self, key: str, rows: slice | list[slice] | None = None, cols: slice | None = None,
+             mapped: bool = False) -> torch.Tensor:
+        """The tensor `key`, or only rows `rows` (a slice or several, concatenated) x columns `cols`; `mapped`:
+        a whole tensor as a copy-on-write view of the file (SafetensorsFile.read)."""
         if key not in self.where:
             raise CheckpointError(f"{self.path}: no tensor '{key}' in the checkpoint")
         try:
-            return self._files[self.where[key]].read(self.file_key[key], rows, cols)
+            return self._files[self.where[key]].read(self.file_key[key], rows, cols, mapped)
         except OSError as e:
             raise CheckpointError(f"{self._file_of(key)}: reading tensor '{key}' failed ({e}); the file is "
                                   "unreadable or corrupt: convert again") from None

@@ -25,11 +25,22 @@ from .checkpoint import (
     SafetensorsFile,
     SafetensorsFolder,
     Scheme,
+    fresh_tensor,
     quantization_config,
+    release_freed_memory,
 )
 from .config import ActScope, ConfigError, Fp8Format, Mode, QuantConfig, resolve_config
 from .log import get_logger
-from .scales import PROFILES, RECIPES, Act, fp8_dtype, input_to_scale, quantize_weight, tensor_to_amax
+from .scales import (
+    PROFILES,
+    RECIPES,
+    Act,
+    fp8_dtype,
+    input_to_scale,
+    quantize_weight,
+    quantize_weight_blocks,
+    tensor_to_amax,
+)
 
 # The DeepSpeed class a measured kind came from, so a config's `types` lists select the same layers here.
 _KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmHeadLinearAllreduce"}
@@ -173,18 +184,26 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     return result
 
 
-def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None):
+def quantize_linear(name: str, w_hp, cfg: QuantConfig, record: dict | None, shape: tuple[int, int] | None = None,
+                    out: torch.Tensor | None = None):
     """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
-    size (its statistics are reduced over the ranks to the whole tensor's)."""
+    size (its statistics are reduced over the ranks to the whole tensor's). `w_hp`: the weight, or (with its
+    `shape`) a callable giving its row blocks (scales.quantize_weight_blocks; bitwise the same result)."""
     recipe = RECIPES[cfg.method_for(name)]
     fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
-    _check_unchanged(name, w_hp, record)
-    w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+    if callable(w_hp):
+        w_fp8, w_scale, top = quantize_weight_blocks(w_hp, shape, recipe, fp8, profile, cfg.weight_backoff,
+                                                     out=out)
+        _check_unchanged(name, top, record)
+    else:
+        shape = tuple(w_hp.shape)
+        _check_unchanged(name, w_hp, record)
+        w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
     input_scale = None
     if recipe.act is not Act.DYNAMIC:
         amax = torch.tensor(record["input_amax"] if record else 0.0)
         input_scale = input_to_scale(amax, recipe, fp8, profile, cfg.input_backoff).reshape(())
-    return Fp8Layer(name, tuple(w_hp.shape), w_scale, input_scale), w_fp8
+    return Fp8Layer(name, shape, w_scale, input_scale), w_fp8
 
 
 class QuantizingFolder(SafetensorsFolder):
@@ -204,17 +223,42 @@ class QuantizingFolder(SafetensorsFolder):
     def quantized(self, fqn: str) -> tuple[Fp8Layer, torch.Tensor]:
         if self._last is None or self._last[0] != fqn:
             self._last = None  # free the previous layer first
-            w_hp = SafetensorsFolder.read(self, f"{fqn}.weight").to(self.dtype)
-            self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
+            release_freed_memory()
+            key = f"{fqn}.weight"
+            if RECIPES[self.cfg.method_for(fqn)].weight_opt:  # the weight search needs the whole weight
+                w_hp = SafetensorsFolder.read(self, key).to(self.dtype)
+                self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
+            else:  # read in row blocks, twice (maxima, casts): the bf16 weight is never whole in memory
+                # the FP8 weight in a mapping of its own, off the heap the blocks churn through
+                out = fresh_tensor(self.shape(key), fp8_dtype(self.cfg.fp8_config))
+                self._last = (fqn, *quantize_linear(fqn, self._blocks(key), self.cfg, self.records.get(fqn),
+                                                    self.shape(key), out))
         return self._last[1], self._last[2]
 
-    def read(self, key, rows=None, cols=None):
+    def _blocks(self, key: str, elems: int = 1 << 20):
+        """() -> the row blocks of tensor `key` in the run dtype, about `elems` elements each (at least one)."""
+        n, k = self.shape(key)
+        step = max(1, elems // max(1, k))
+        return lambda: (SafetensorsFolder.read(self, key, slice(i, min(i + step, n))).to(self.dtype)
+                        for i in range(0, max(n, 1), step))
+
+    def read(self, key, rows=None, cols=None, mapped=False):
         fqn = key[: -len(".weight")] if key.endswith(".weight") else None
         if fqn not in self.layers:
-            return super().read(key, rows, cols)
+            return super().read(key, rows, cols, mapped)
         w = self.quantized(fqn)[1]
-        parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
-        return torch.cat([w[r] if cols is None else w[r, cols] for r in parts])  # a copy: the full weight is freed
+        if rows is None and cols is None:
+            return w  # the whole weight (TP=1): no copy
+        parts = [(r if r is not None else slice(None)).indices(w.shape[0])[:2] for r in
+                 (rows if isinstance(rows, list) else [rows])]
+        c0, c1 = (0, w.shape[1]) if cols is None else cols.indices(w.shape[1])[:2]
+        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), w.dtype)
+        at = 0
+        for a, b in parts:  # a copy (off the heap): the full weight is freed at the next layer
+            if b > a:
+                local[at:at + b - a] = w[a:b, c0:c1]
+                at += b - a
+        return local
 
 
 class _Lazy(dict):
@@ -251,11 +295,16 @@ def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):
     return doc, where
 
 
-def _check_unchanged(name: str, w_hp: torch.Tensor, record: dict | None) -> None:
+def _check_unchanged(name: str, w_hp: torch.Tensor | float, record: dict | None) -> None:
+    """`w_hp`: the weight, or its max-abs already computed."""
     measured = None if record is None else record.get("weight_amax")
-    if measured is not None and float(tensor_to_amax(w_hp)) > measured * (1 + 1e-3) + 1e-12:
-        raise CheckpointError(f"layer '{name}': weight max-abs {float(tensor_to_amax(w_hp)):.6g} exceeds the "
-                              f"measured {measured:.6g}; the weights changed since MEASURE. Measure again.")
+    if measured is None:
+        return
+    amax = w_hp if isinstance(w_hp, float) else max((float(tensor_to_amax(c)) for c in w_hp.split(1 << 12)),
+                                                      default=0.0)  # row blocks: no copy of the whole weight
+    if amax > measured * (1 + 1e-3) + 1e-12:
+        raise CheckpointError(f"layer '{name}': weight max-abs {amax:.6g} exceeds the measured {measured:.6g}; the "
+                              "weights changed since MEASURE. Measure again.")
 
 
 def _open_source(path: Path) -> SafetensorsFile:

@@ -242,7 +242,8 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending) -> None:
                     layout, rows, cols = _local(mod, fqn, folder.shape(f"{fqn}.weight"), folder.path)
                     if pname == "bias":
                         rows, cols = (rows if layout.kind is Kind.COLUMN else None), None
-                t = folder.read(key, rows, cols).to(_device(param), param.dtype)
+                # whole tensors used as they are (embeddings, norms): file-backed, only touched pages resident
+                t = folder.read(key, rows, cols, mapped=rows is None and cols is None).to(_device(param), param.dtype)
                 done[id(param)] = nn.Parameter(t, requires_grad=False)
             mod._parameters[pname] = done[id(param)]
     buffers = dict(model.named_buffers())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -204,16 +204,12 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     if recipe.weight_unit:
         scale = torch.ones((w_hp.shape[0],) if per_channel else (), dtype=torch.float32, device=w_hp.device)
         return _cast_in_row_chunks(w_hp, scale, dtype, fmax), scale
-    chunks = _row_chunks(w_hp)  # elementwise steps and maxima in row chunks: no float32 copy of the whole weight
-    if per_channel:
-        amax = torch.cat([row_amax(c) for c in chunks]) if len(chunks) > 1 else row_amax(w_hp)
-    else:
-        amax = torch.stack([tensor_to_amax(c) for c in chunks]).amax() if len(chunks) > 1 else tensor_to_amax(w_hp)
-    amax = reduce_max(amax)
+    if not recipe.weight_opt:  # maxima and casts in row blocks: no float32 copy of the whole weight
+        return quantize_weight_blocks(lambda: _row_chunks(w_hp), tuple(w_hp.shape), recipe, dtype, profile,
+                                      backoff, reduce_max, w_hp.device)[:2]
+    amax = reduce_max(row_amax(w_hp) if per_channel else tensor_to_amax(w_hp))
     base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
     rows = base[:, None] if per_channel else base
-    if not recipe.weight_opt:
-        return _cast_in_row_chunks(w_hp, rows, dtype, fmax), base
     shifts = candidate_shifts(base, recipe.weight_rounding, profile)
     # the weight in units of the maxabs scale (|v| <= fmax * backoff); copy=True: never the caller's tensor
     v = w_hp.to(torch.float32, copy=True).div_(rows)
@@ -227,7 +223,7 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     return v.clamp_(-fmax, fmax).to(dtype), base / factor
 
 
-_CHUNK_ELEMS = 1 << 22  # 16 MB of float32 per step
+_CHUNK_ELEMS = 1 << 20  # 4 MB of float32 per step (bigger blocks: glibc keeps more of the freed ones)
 
 
 def _row_chunks(w_hp: torch.Tensor) -> list[torch.Tensor]:
@@ -236,6 +232,35 @@ def _row_chunks(w_hp: torch.Tensor) -> list[torch.Tensor]:
         return [w_hp]
     step = max(1, _CHUNK_ELEMS // max(1, w_hp.shape[1]))
     return list(w_hp.split(step, dim=0))
+
+
+def quantize_weight_blocks(blocks: Callable[[], Iterable[torch.Tensor]], shape: tuple[int, int], recipe: Recipe,
+                           dtype: torch.dtype, profile: DeviceProfile, backoff: float = WEIGHT_BACKOFF,
+                           reduce_max: Reduce = _identity, device: torch.device | str = "cpu",
+                           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`quantize_weight` of a (N, K) weight that is never whole in memory (a recipe without the weight search):
+    `blocks()` yields its consecutive row blocks (at least one, possibly empty), and is called twice (maxima,
+    then casts), so one block is in memory at a time. Bitwise `quantize_weight`'s result: maxima are exact in
+    any grouping, each element's cast depends on it and its row's scale only. Returns (w_fp8, scale, the local
+    max-abs of the whole weight). `out`: the (N, K) FP8 tensor to write into (default: a new one)."""
+    if recipe.weight_opt:
+        raise ValueError("quantize_weight_blocks: the weight search needs the whole weight; use quantize_weight")
+    per_channel = recipe.weight_per_channel
+    fmax = profile.fp8_max(dtype)
+    maxima = [row_amax(c) if per_channel else tensor_to_amax(c) for c in blocks()]
+    local = (torch.cat(maxima) if per_channel else torch.stack(maxima).amax()) if len(maxima) > 1 else maxima[0]
+    top = float(local.max()) if local.numel() else 0.0
+    amax = reduce_max(local)
+    base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
+    out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
+    at = 0
+    for c in blocks():
+        out[at:at + c.shape[0]] = to_fp8_saturated(c, base[at:at + c.shape[0], None] if per_channel else base,
+                                                   dtype, fmax)
+        at += c.shape[0]
+    if at != shape[0]:
+        raise ValueError(f"quantize_weight_blocks: the blocks hold {at} rows, the weight {shape[0]}")
+    return out, base, top
 
 
 def _cast_in_row_chunks(w_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
