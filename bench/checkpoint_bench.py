@@ -8,8 +8,8 @@ through the real launcher (`deepspeed --num_gpus N`), the script an ordinary fro
 (bench/ckpt_user.py); load time = from_pretrained start to init_inference end, slowest rank; peak RSS per
 rank = ru_maxrss at the end (the first forward included). Prints a markdown table with each path's ratio to
 the bf16 load, that ratio above the base RSS (the bf16 script's ru_maxrss per rank after importing torch +
-transformers + deepspeed, before from_pretrained: the same base for every path, as the wrapped runs initialise
-more before from_pretrained), and the issue's budgets for quantize-on-load and convert."""
+transformers (its modeling code included) + deepspeed, before from_pretrained), and the issue's budgets for
+quantize-on-load and convert."""
 
 import argparse
 import glob
@@ -117,6 +117,9 @@ def main() -> None:
     base = [b for r in bf16.values() for b in r["base_mb"]]
     print(f"\nbase RSS (the bf16 script's ru_maxrss with torch + transformers + deepspeed imported, before "
           f"from_pretrained): {min(base):.0f}-{max(base):.0f} MB per rank")
+    for tp, label, r in rows:
+        print(f"TP={tp} {label}: peak RSS at the end of init_inference "
+              f"{' / '.join(f'{x:.0f}' for x in r['load_rss_mb'])} MB (the rest: the first forward)")
     for tp, label, r in rows:
         if label == "quantize-on-load":
             budget = sizes["fp8_linears"] / tp + sizes["largest_bf16"] + sizes["non_linear"] + 300

@@ -1,5 +1,5 @@
 """An ordinary from_pretrained + init_inference script, timed: rank 0 writes to OUT (JSON) load_s and, per rank,
-rss_mb (peak RSS, the first forward included), base_mb (peak RSS after the imports, before from_pretrained) and
+rss_mb (peak RSS, the first forward included), base_mb (peak RSS after the imports, transformers' modeling code included, before from_pretrained) and
 load_rss_mb (peak RSS at the end of init_inference), cuda_peak_mb. Run under launch/run.py (or plain, for bf16). Usage: ckpt_user.py MODEL_DIR OUT [--local_rank N]"""
 
 import json
@@ -11,6 +11,7 @@ import time
 import deepspeed
 import torch
 import torch.distributed as dist
+import transformers.modeling_utils  # noqa: F401  (from_pretrained imports it anyway: ~120 MB of the base RSS)
 from transformers import AutoModelForCausalLM
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

@@ -267,6 +267,35 @@ def test_streaming_writer_writes_what_safetensors_reads(tmp_path):
     w.abort()
 
 
+def test_weights_quantized_in_row_blocks_are_bitwise_the_whole_weights(monkeypatch):
+    """quantize_weight casts (and takes maxima) in row blocks, and quantize-on-load feeds quantize_weight_blocks
+    blocks read from the file: both bitwise equal to one pass over the whole weight, for every recipe and device
+    profile (blocks of 1000 elements here, so every weight spans several; an inf, a zero row, an odd width)."""
+    from ds_quant import scales
+
+    g = torch.Generator().manual_seed(3)
+    weights = [(torch.randn(300, 70, generator=g) * 3).to(torch.bfloat16), torch.randn(5, 1001, generator=g),
+               torch.zeros(0, 16, dtype=torch.bfloat16)]
+    weights[0][7] = 0
+    weights[1][2, 3] = float("inf")
+    fp8 = torch.float8_e4m3fn
+    for w in weights:
+        for method, recipe in scales.RECIPES.items():
+            for profile in scales.PROFILES.values():
+                monkeypatch.setattr(scales, "_CHUNK_ELEMS", 1 << 40)
+                ref_q, ref_s = scales.quantize_weight(w, recipe, fp8, profile)
+                monkeypatch.setattr(scales, "_CHUNK_ELEMS", 1000)
+                q, s = scales.quantize_weight(w, recipe, fp8, profile)
+                assert _same(q, ref_q) and _same(s, ref_s), (method, w.shape)
+                if recipe.weight_opt or recipe.weight_unit:
+                    continue
+                step = max(1, 1000 // w.shape[1])
+                blocks = lambda w=w, step=step: (w[i:i + step] for i in range(0, max(1, w.shape[0]), step))  # noqa: E731
+                q, s, top = scales.quantize_weight_blocks(blocks, tuple(w.shape), recipe, fp8, profile)
+                assert _same(q, ref_q) and _same(s, ref_s), (method, w.shape)
+                assert top == (float(w.abs().max()) if w.numel() else 0.0)
+
+
 # -- loading at TP=1 -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["llama_hw", "llama_pcs", "neox_block_head"])
 def test_fp8_folder_loads_bitwise_equal_to_in_memory_quantize(work, case):
