@@ -35,11 +35,12 @@ from .scales import (
     PROFILES,
     RECIPES,
     Act,
+    cast_weight_block,
     fp8_dtype,
     input_to_scale,
     quantize_weight,
-    quantize_weight_blocks,
     tensor_to_amax,
+    weight_scale_blocks,
 )
 
 # The DeepSpeed class a measured kind came from, so a config's `types` lists select the same layers here.
@@ -184,32 +185,28 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     return result
 
 
-def quantize_linear(name: str, w_hp, cfg: QuantConfig, record: dict | None, shape: tuple[int, int] | None = None,
-                    out: torch.Tensor | None = None):
+def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None):
     """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
-    size (its statistics are reduced over the ranks to the whole tensor's). `w_hp`: the weight, or (with its
-    `shape`) a callable giving its row blocks (scales.quantize_weight_blocks; bitwise the same result)."""
+    size (its statistics are reduced over the ranks to the whole tensor's)."""
     recipe = RECIPES[cfg.method_for(name)]
     fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
-    if callable(w_hp):
-        w_fp8, w_scale, top = quantize_weight_blocks(w_hp, shape, recipe, fp8, profile, cfg.weight_backoff,
-                                                     out=out)
-        _check_unchanged(name, top, record)
-    else:
-        shape = tuple(w_hp.shape)
-        _check_unchanged(name, w_hp, record)
-        w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
-    input_scale = None
-    if recipe.act is not Act.DYNAMIC:
-        amax = torch.tensor(record["input_amax"] if record else 0.0)
-        input_scale = input_to_scale(amax, recipe, fp8, profile, cfg.input_backoff).reshape(())
-    return Fp8Layer(name, shape, w_scale, input_scale), w_fp8
+    _check_unchanged(name, w_hp, record)
+    w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+    return Fp8Layer(name, tuple(w_hp.shape), w_scale, _input_scale(recipe, cfg, record)), w_fp8
+
+
+def _input_scale(recipe, cfg: QuantConfig, record: dict | None) -> torch.Tensor | None:
+    if recipe.act is Act.DYNAMIC:
+        return None
+    amax = torch.tensor(record["input_amax"] if record else 0.0)
+    return input_to_scale(amax, recipe, fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales],
+                          cfg.input_backoff).reshape(())
 
 
 class QuantizingFolder(SafetensorsFolder):
-    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` and `read(fqn.weight, ...)`
-    quantize the whole weight once (one bf16 layer in memory, freed before the next) and hand out this rank's
-    slice, copied, so only the FP8 shard stays."""
+    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` gives a linear's scales
+    (computed from the whole weight, read in row blocks), `read(fqn.weight, rows, cols)` this rank's FP8 piece,
+    cast block by block; only the FP8 shard stays."""
 
     def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype):
         super().__init__(folder, rename)
@@ -218,46 +215,60 @@ class QuantizingFolder(SafetensorsFolder):
         doc, _ = _measurements(cfg, wanted)
         self.records = doc["layers"] if doc else {}
         self.layers = _Lazy(self, wanted)
-        self._last: tuple[str, Fp8Layer, torch.Tensor] | None = None
+        self.fp8, self.profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
+        self._last: tuple[str, Fp8Layer, torch.Tensor | None] | None = None
 
-    def quantized(self, fqn: str) -> tuple[Fp8Layer, torch.Tensor]:
+    def quantized(self, fqn: str) -> Fp8Layer:
+        """The layer's scales: with a weight search the whole weight is read and quantized (and kept until the
+        next layer); otherwise its row blocks are read once for the maxima, and `read` casts only the rows and
+        columns asked for (this rank's), block by block: the bf16 weight is never whole in memory."""
         if self._last is None or self._last[0] != fqn:
             self._last = None  # free the previous layer first
             release_freed_memory()
-            key = f"{fqn}.weight"
-            if RECIPES[self.cfg.method_for(fqn)].weight_opt:  # the weight search needs the whole weight
+            key, record = f"{fqn}.weight", self.records.get(fqn)
+            recipe = RECIPES[self.cfg.method_for(fqn)]
+            if recipe.weight_opt:
                 w_hp = SafetensorsFolder.read(self, key).to(self.dtype)
-                self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
-            else:  # read in row blocks, twice (maxima, casts): the bf16 weight is never whole in memory
-                # the FP8 weight in a mapping of its own, off the heap the blocks churn through
-                out = fresh_tensor(self.shape(key), fp8_dtype(self.cfg.fp8_config))
-                self._last = (fqn, *quantize_linear(fqn, self._blocks(key), self.cfg, self.records.get(fqn),
-                                                    self.shape(key), out))
-        return self._last[1], self._last[2]
+                self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, record))
+            else:
+                n, k = self.shape(key)
+                step = self._step(k)
+                blocks = (SafetensorsFolder.read(self, key, slice(i, min(i + step, n))).to(self.dtype)
+                          for i in range(0, max(n, 1), step))
+                scale, top = weight_scale_blocks(blocks, n, recipe, self.fp8, self.profile, self.cfg.weight_backoff)
+                _check_unchanged(fqn, top, record)
+                self._last = (fqn, Fp8Layer(fqn, (n, k), scale, _input_scale(recipe, self.cfg, record)), None)
+        return self._last[1]
 
-    def _blocks(self, key: str, elems: int = 1 << 20):
-        """() -> the row blocks of tensor `key` in the run dtype, about `elems` elements each (at least one)."""
-        n, k = self.shape(key)
-        step = max(1, elems // max(1, k))
-        return lambda: (SafetensorsFolder.read(self, key, slice(i, min(i + step, n))).to(self.dtype)
-                        for i in range(0, max(n, 1), step))
+    @staticmethod
+    def _step(k: int, elems: int = 1 << 20) -> int:
+        """Rows per block: about `elems` elements (bigger blocks: glibc keeps more of the freed ones)."""
+        return max(1, elems // max(1, k))
 
     def read(self, key, rows=None, cols=None, mapped=False):
         fqn = key[: -len(".weight")] if key.endswith(".weight") else None
         if fqn not in self.layers:
             return super().read(key, rows, cols, mapped)
-        w = self.quantized(fqn)[1]
-        if rows is None and cols is None:
-            return w  # the whole weight (TP=1): no copy
-        parts = [(r if r is not None else slice(None)).indices(w.shape[0])[:2] for r in
+        layer = self.quantized(fqn)
+        w = self._last[2]  # the whole FP8 weight (weight search), or None: cast the rows asked for
+        if w is not None and rows is None and cols is None:
+            return w
+        n, k = layer.shape
+        parts = [(r if r is not None else slice(None)).indices(n)[:2] for r in
                  (rows if isinstance(rows, list) else [rows])]
-        c0, c1 = (0, w.shape[1]) if cols is None else cols.indices(w.shape[1])[:2]
-        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), w.dtype)
-        at = 0
-        for a, b in parts:  # a copy (off the heap): the full weight is freed at the next layer
-            if b > a:
-                local[at:at + b - a] = w[a:b, c0:c1]
-                at += b - a
+        c0, c1 = (0, k) if cols is None else cols.indices(k)[:2]
+        # the local piece in a mapping of its own, off the heap the blocks churn through
+        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), self.fp8)
+        at, step = 0, self._step(k)
+        for a, b in parts:
+            for i in range(a, b, step):
+                m = min(step, b - i)
+                if w is not None:
+                    local[at:at + m] = w[i:i + m, c0:c1]
+                else:
+                    blk = SafetensorsFolder.read(self, key, slice(i, i + m), cols).to(self.dtype)
+                    local[at:at + m] = cast_weight_block(blk, layer.weight_scale, i, self.fp8, self.profile)
+                at += m
         return local
 
 
@@ -271,7 +282,7 @@ class _Lazy(dict):
     def __getitem__(self, fqn):
         if fqn not in self:
             raise KeyError(fqn)
-        return self.folder.quantized(fqn)[0]
+        return self.folder.quantized(fqn)
 
 
 def _check_config(cfg: QuantConfig) -> None:

@@ -234,33 +234,47 @@ def _row_chunks(w_hp: torch.Tensor) -> list[torch.Tensor]:
     return list(w_hp.split(step, dim=0))
 
 
+def weight_scale_blocks(blocks: Iterable[torch.Tensor], n_rows: int, recipe: Recipe, dtype: torch.dtype,
+                        profile: DeviceProfile, backoff: float = WEIGHT_BACKOFF, reduce_max: Reduce = _identity,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """(scale, local max-abs) of a (N, K) weight given as its consecutive row blocks (at least one, possibly
+    empty): `quantize_weight`'s scale, bitwise (maxima are exact in any grouping), with one block in memory at
+    a time. Recipes without the weight search only (it needs the whole weight)."""
+    if recipe.weight_opt:
+        raise ValueError("weight_scale_blocks: the weight search needs the whole weight; use quantize_weight")
+    per_channel = recipe.weight_per_channel
+    maxima = [row_amax(c) if per_channel else tensor_to_amax(c) for c in blocks]
+    local = (torch.cat(maxima) if per_channel else torch.stack(maxima).amax()) if len(maxima) > 1 else maxima[0]
+    top = float(local.max()) if local.numel() else 0.0
+    if recipe.weight_unit:
+        return torch.ones((n_rows,) if per_channel else (), dtype=torch.float32, device=device), top
+    return amax_to_scale(reduce_max(local), profile.fp8_max(dtype), backoff, recipe.weight_rounding, profile), top
+
+
+def cast_weight_block(block: torch.Tensor, scale: torch.Tensor, first_row: int, dtype: torch.dtype,
+                      profile: DeviceProfile) -> torch.Tensor:
+    """FP8 of rows first_row.. of a weight (any of its columns) under the whole weight's `scale` (() or (N,)):
+    elementwise, so bitwise the same elements as the whole weight's cast."""
+    s = scale[first_row:first_row + block.shape[0], None] if scale.dim() == 1 else scale
+    return to_fp8_saturated(block, s, dtype, profile.fp8_max(dtype))
+
+
 def quantize_weight_blocks(blocks: Callable[[], Iterable[torch.Tensor]], shape: tuple[int, int], recipe: Recipe,
                            dtype: torch.dtype, profile: DeviceProfile, backoff: float = WEIGHT_BACKOFF,
                            reduce_max: Reduce = _identity, device: torch.device | str = "cpu",
                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """`quantize_weight` of a (N, K) weight that is never whole in memory (a recipe without the weight search):
-    `blocks()` yields its consecutive row blocks (at least one, possibly empty), and is called twice (maxima,
-    then casts), so one block is in memory at a time. Bitwise `quantize_weight`'s result: maxima are exact in
-    any grouping, each element's cast depends on it and its row's scale only. Returns (w_fp8, scale, the local
-    max-abs of the whole weight). `out`: the (N, K) FP8 tensor to write into (default: a new one)."""
-    if recipe.weight_opt:
-        raise ValueError("quantize_weight_blocks: the weight search needs the whole weight; use quantize_weight")
-    per_channel = recipe.weight_per_channel
-    fmax = profile.fp8_max(dtype)
-    maxima = [row_amax(c) if per_channel else tensor_to_amax(c) for c in blocks()]
-    local = (torch.cat(maxima) if per_channel else torch.stack(maxima).amax()) if len(maxima) > 1 else maxima[0]
-    top = float(local.max()) if local.numel() else 0.0
-    amax = reduce_max(local)
-    base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
+    """`quantize_weight` of a (N, K) weight given as row blocks: `blocks()` yields its consecutive row blocks
+    and is called twice (maxima, then casts). Bitwise `quantize_weight`'s result. Returns (w_fp8, scale, the
+    local max-abs of the whole weight). `out`: the (N, K) FP8 tensor to write into (default: a new one)."""
+    scale, top = weight_scale_blocks(blocks(), shape[0], recipe, dtype, profile, backoff, reduce_max, device)
     out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
     at = 0
     for c in blocks():
-        out[at:at + c.shape[0]] = to_fp8_saturated(c, base[at:at + c.shape[0], None] if per_channel else base,
-                                                   dtype, fmax)
+        out[at:at + c.shape[0]] = cast_weight_block(c, scale, at, dtype, profile)
         at += c.shape[0]
     if at != shape[0]:
         raise ValueError(f"quantize_weight_blocks: the blocks hold {at} rows, the weight {shape[0]}")
-    return out, base, top
+    return out, scale, top
 
 
 def _cast_in_row_chunks(w_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:

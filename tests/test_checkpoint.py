@@ -287,7 +287,7 @@ def test_weights_quantized_in_row_blocks_are_bitwise_the_whole_weights(monkeypat
                 monkeypatch.setattr(scales, "_CHUNK_ELEMS", 1000)
                 q, s = scales.quantize_weight(w, recipe, fp8, profile)
                 assert _same(q, ref_q) and _same(s, ref_s), (method, w.shape)
-                if recipe.weight_opt or recipe.weight_unit:
+                if recipe.weight_opt:  # the weight search needs the whole weight
                     continue
                 step = max(1, 1000 // w.shape[1])
                 blocks = lambda w=w, step=step: (w[i:i + step] for i in range(0, max(1, w.shape[0]), step))  # noqa: E731
