@@ -5,8 +5,12 @@ bf16 load + AutoTP, in-memory QUANTIZE, FP8 folder load, quantize-on-load; plus 
 
 Default model: a random Llama of ~1.1 GB in bf16 (hidden 2048, 8 layers, vocab 32000), built once. Measured
 through the real launcher (`deepspeed --num_gpus N`), the script an ordinary from_pretrained + init_inference
-(bench/ckpt_user.py); load time = from_pretrained start to init_inference end, slowest rank. Prints a markdown
-table."""
+(bench/ckpt_user.py); load time = from_pretrained start to init_inference end, slowest rank; peak RSS per
+rank = ru_maxrss at the end (the first forward included); "load + first forward" adds the first forward's
+time, where a lazily mapped load (HF's bf16 one) pays its reads. Prints a markdown table with each path's ratio to
+the bf16 load, that ratio above the base RSS (the bf16 script's ru_maxrss per rank after importing torch +
+transformers (its modeling code included) + deepspeed, before from_pretrained), and the issue's budgets for
+quantize-on-load and convert."""
 
 import argparse
 import glob
@@ -95,13 +99,54 @@ def main() -> None:
             r = launch(tp, model, a.work / f"{tp}_{label[:4]}.json", cfg, env)
             rows.append((tp, label, r))
             print(tp, label, r, flush=True)
+    sizes = folder_sizes(fp8)
     print(f"\nmodel {a.model}: bf16 {size(a.model):.0f} MB, FP8 folder {size(fp8):.0f} MB; `ds-quant convert` "
-          f"{conv_s:.0f} s, peak RSS {conv_rss:.0f} MB\n")
-    print("| TP | path | peak RSS per rank (MB) | load time (s) |")
-    print("|---|---|---|---|")
+          f"{conv_s:.0f} s, peak RSS {conv_rss:.0f} MB (goal: FP8 size + 3 largest bf16 tensors = "
+          f"{size(fp8) + 3 * sizes['largest_bf16']:.0f} MB)\n")
+    print("| TP | path | peak RSS per rank (MB) | ratio to bf16 | above base: ratio to bf16 | load time (s) | "
+          "load + first forward (s) |")
+    print("|---|---|---|---|---|---|---|")
+    bf16 = {tp: r for tp, label, r in rows if label.startswith("bf16")}
     for tp, label, r in rows:
-        print(f"| {tp} | {label} | {' / '.join(f'{x:.0f}' for x in r['rss_mb'])} | {r['load_s']:.1f} |")
+        ref = bf16.get(tp)
+        ratio = above = "-"
+        if ref is not None and label != "bf16 load + AutoTP":
+            ratio = " / ".join(f"{x / y:.2f}" for x, y in zip(r["rss_mb"], ref["rss_mb"], strict=True))
+            above = " / ".join(f"{(x - b) / (y - b):.2f}" for x, y, b in
+                               zip(r["rss_mb"], ref["rss_mb"], ref["base_mb"], strict=True))
+        print(f"| {tp} | {label} | {' / '.join(f'{x:.0f}' for x in r['rss_mb'])} | {ratio} | {above} | "
+              f"{r['load_s']:.1f} | {r['load_s'] + r['first_forward_s']:.1f} |")
+    base = [b for r in bf16.values() for b in r["base_mb"]]
+    print(f"\nbase RSS (the bf16 script's ru_maxrss with torch + transformers + deepspeed imported, before "
+          f"from_pretrained): {min(base):.0f}-{max(base):.0f} MB per rank")
+    for tp, label, r in rows:
+        print(f"TP={tp} {label}: peak RSS at the end of init_inference "
+              f"{' / '.join(f'{x:.0f}' for x in r['load_rss_mb'])} MB (the rest: the first forward)")
+    for tp, label, r in rows:
+        if label == "quantize-on-load":
+            budget = sizes["fp8_linears"] / tp + sizes["largest_bf16"] + sizes["non_linear"] + 300
+            print(f"quantize-on-load TP={tp}: peak {max(r['rss_mb']):.0f} MB per rank; goal: FP8 shard "
+                  f"{sizes['fp8_linears'] / tp:.0f} + one bf16 layer {sizes['largest_bf16']:.0f} + non-linear "
+                  f"weights {sizes['non_linear']:.0f} + 300 = {budget:.0f} MB: "
+                  f"{'met' if max(r['rss_mb']) <= budget else 'MISSED'}")
 
+
+def folder_sizes(fp8: Path) -> dict:
+    """MB of an FP8 folder's FP8 linears (weights + scales), of its other tensors, and of its largest linear
+    in bf16 (two bytes per FP8 byte)."""
+    from ds_quant.checkpoint import DTYPES, SafetensorsFile
+
+    lin = other = largest = 0
+    for path in fp8.glob("*.safetensors"):
+        with SafetensorsFile(path) as f:
+            for k, info in f.tensors.items():
+                n = info.end - info.begin
+                if info.dtype == "F8_E4M3" or k.endswith((".weight_scale", ".input_scale")):
+                    lin += n
+                    largest = max(largest, 2 * n if DTYPES[info.dtype].itemsize == 1 else 0)
+                else:
+                    other += n
+    return {"fp8_linears": lin / 2**20, "non_linear": other / 2**20, "largest_bf16": largest / 2**20}
 
 if __name__ == "__main__":
     main()

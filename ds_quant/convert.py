@@ -1,9 +1,11 @@
 """`ds-quant convert MODEL_DIR OUT_DIR --quant-config CFG`: a bf16 HF folder + the merged measurements -> an FP8
 folder (checkpoint.py), tensor by tensor.
 
-Each safetensors tensor is read through safe_open (mmap), a linear's weight is quantized with exactly the
-scales in-memory QUANTIZE gives it (model-level, so the TP size plays no role), and the source tensor is
-freed before the next. Peak memory: one output file's FP8 tensors + a few of the largest source tensors.
+Each safetensors tensor is read with pread into a buffer of its own (checkpoint.SafetensorsFile; no mmap, whose
+touched pages would all count in RSS), a linear's weight is quantized with exactly the scales in-memory QUANTIZE
+gives it (model-level, so the TP size plays no role), written straight to its place in the output file (whose
+header is planned up front, checkpoint.SafetensorsWriter) and freed before the next tensor. Peak memory: a
+few of the largest source tensors; the FP8 model is never all in memory.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ import torch
 
 from . import measurements
 from .checkpoint import (
+    DTYPES,
     CheckpointError,
     FolderWriter,
     Fp8Layer,
+    SafetensorsFile,
     SafetensorsFolder,
     Scheme,
+    fresh_tensor,
     quantization_config,
+    release_freed_memory,
 )
 from .config import ActScope, ConfigError, Fp8Format, Mode, QuantConfig, resolve_config
 from .log import get_logger
-from .scales import PROFILES, RECIPES, Act, fp8_dtype, input_to_scale, quantize_weight, tensor_to_amax
+from .scales import (
+    PROFILES,
+    RECIPES,
+    Act,
+    cast_weight_block,
+    fp8_dtype,
+    input_to_scale,
+    quantize_weight,
+    tensor_to_amax,
+    weight_scale_blocks,
+)
 
 # The DeepSpeed class a measured kind came from, so a config's `types` lists select the same layers here.
 _KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmHeadLinearAllreduce"}
@@ -80,6 +96,8 @@ def _source_files(model_dir: Path) -> list[str]:
 def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dtype: torch.dtype = torch.bfloat16,
             progress: bool = True) -> Path:
     """Write the FP8 folder OUT_DIR for MODEL_DIR with the config's scale method and measurements."""
+    from tqdm.auto import tqdm
+
     cfg = resolve_config(config)
     _check_config(cfg)
     src = Path(model_dir)
@@ -93,33 +111,54 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     schemes, seen = {}, set()
     writer = FolderWriter(out_dir)
     try:
-        bar = _progress(src, files, progress)
-        for fname in files:
-            out = {}
-            for key, get in _tensors(src / fname):
+        sources = {fname: _open_source(src / fname) for fname in files}
+        bar = tqdm(total=sum(len(f.tensors) for f in sources.values()), desc="ds-quant convert", unit="tensor",
+                   disable=not progress)
+        for fname, f in sources.items():
+            plan, jobs = {}, []
+            for key in sorted(f.tensors, key=lambda k: f.tensors[k].begin):  # file order: sequential reads
+                info = f.tensors[key]
                 model_key = rename(key)  # the module name may differ from the file's key (legacy names)
                 name = model_key[: -len(".weight")] if model_key.endswith(".weight") else None
                 if name not in targets:
-                    out[key] = get()
-                    bar.update()
+                    plan[key] = (DTYPES[info.dtype], info.shape)
+                    jobs.append((key, None))
                     continue
-                w_hp = get().to(dtype)
-                if tuple(w_hp.shape) != linears[name]:
-                    raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(w_hp.shape)}, the model's "
+                if tuple(info.shape) != linears[name]:
+                    raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(info.shape)}, the model's "
                                           f"config says {list(linears[name])}")
-                layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
-                del w_hp
+                recipe = RECIPES[cfg.method_for(name)]
                 prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
-                out[key] = w_fp8
-                ws = layer.weight_scale
-                out[f"{prefix}.weight_scale"] = ws.reshape(-1, 1) if ws.dim() else ws.reshape(1)
-                if layer.input_scale is not None:
-                    out[f"{prefix}.input_scale"] = layer.input_scale.reshape(1)
-                schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
-                seen.add(name)
-                bar.update()
-            writer.write_tensors(fname, out)
-            del out
+                plan[key] = (fp8, info.shape)
+                plan[f"{prefix}.weight_scale"] = (torch.float32, (info.shape[0], 1) if recipe.weight_per_channel
+                                                  else (1,))
+                if recipe.act is not Act.DYNAMIC:
+                    plan[f"{prefix}.input_scale"] = (torch.float32, (1,))
+                jobs.append((key, name))
+            out = writer.stream(fname, plan)  # header first; each tensor written as it is made, then freed
+            try:
+                for key, name in jobs:
+                    if name is None:
+                        out.write(key, f.read(key))
+                        bar.update()
+                        continue
+                    w_hp = f.read(key).to(dtype)
+                    layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
+                    del w_hp
+                    prefix = key[: -len(".weight")]
+                    out.write(key, w_fp8)
+                    del w_fp8
+                    ws = layer.weight_scale
+                    out.write(f"{prefix}.weight_scale", ws.reshape(-1, 1) if ws.dim() else ws.reshape(1))
+                    if layer.input_scale is not None:
+                        out.write(f"{prefix}.input_scale", layer.input_scale.reshape(1))
+                    schemes[name] = Scheme(ws.dim() == 1, layer.input_scale is not None)
+                    seen.add(name)
+                    bar.update()
+                out.close()
+            finally:
+                out.abort()
+            f.close()
         bar.close()
         missing = sorted(targets - seen)
         if missing:
@@ -153,17 +192,21 @@ def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dic
     fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
     _check_unchanged(name, w_hp, record)
     w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
-    input_scale = None
-    if recipe.act is not Act.DYNAMIC:
-        amax = torch.tensor(record["input_amax"] if record else 0.0)
-        input_scale = input_to_scale(amax, recipe, fp8, profile, cfg.input_backoff).reshape(())
-    return Fp8Layer(name, tuple(w_hp.shape), w_scale, input_scale), w_fp8
+    return Fp8Layer(name, tuple(w_hp.shape), w_scale, _input_scale(recipe, cfg, record)), w_fp8
+
+
+def _input_scale(recipe, cfg: QuantConfig, record: dict | None) -> torch.Tensor | None:
+    if recipe.act is Act.DYNAMIC:
+        return None
+    amax = torch.tensor(record["input_amax"] if record else 0.0)
+    return input_to_scale(amax, recipe, fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales],
+                          cfg.input_backoff).reshape(())
 
 
 class QuantizingFolder(SafetensorsFolder):
-    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` and `read(fqn.weight, ...)`
-    quantize the whole weight once (one bf16 layer in memory, freed before the next) and hand out this rank's
-    slice, copied, so only the FP8 shard stays."""
+    """A bf16 folder read as if it were an FP8 one (quantize-on-load): `layers[fqn]` gives a linear's scales
+    (computed from the whole weight, read in row blocks), `read(fqn.weight, rows, cols)` this rank's FP8 piece,
+    cast block by block; only the FP8 shard stays."""
 
     def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype):
         super().__init__(folder, rename)
@@ -172,22 +215,61 @@ class QuantizingFolder(SafetensorsFolder):
         doc, _ = _measurements(cfg, wanted)
         self.records = doc["layers"] if doc else {}
         self.layers = _Lazy(self, wanted)
-        self._last: tuple[str, Fp8Layer, torch.Tensor] | None = None
+        self.fp8, self.profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
+        self._last: tuple[str, Fp8Layer, torch.Tensor | None] | None = None
 
-    def quantized(self, fqn: str) -> tuple[Fp8Layer, torch.Tensor]:
+    def quantized(self, fqn: str) -> Fp8Layer:
+        """The layer's scales: with a weight search the whole weight is read and quantized (and kept until the
+        next layer); otherwise its row blocks are read once for the maxima, and `read` casts only the rows and
+        columns asked for (this rank's), block by block: the bf16 weight is never whole in memory."""
         if self._last is None or self._last[0] != fqn:
             self._last = None  # free the previous layer first
-            w_hp = SafetensorsFolder.read(self, f"{fqn}.weight").to(self.dtype)
-            self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, self.records.get(fqn)))
-        return self._last[1], self._last[2]
+            release_freed_memory()
+            key, record = f"{fqn}.weight", self.records.get(fqn)
+            recipe = RECIPES[self.cfg.method_for(fqn)]
+            if recipe.weight_opt:
+                w_hp = SafetensorsFolder.read(self, key).to(self.dtype)
+                self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, record))
+            else:
+                n, k = self.shape(key)
+                step = self._step(k)
+                blocks = (SafetensorsFolder.read(self, key, slice(i, min(i + step, n))).to(self.dtype)
+                          for i in range(0, max(n, 1), step))
+                scale, top = weight_scale_blocks(blocks, n, recipe, self.fp8, self.profile, self.cfg.weight_backoff)
+                _check_unchanged(fqn, top, record)
+                self._last = (fqn, Fp8Layer(fqn, (n, k), scale, _input_scale(recipe, self.cfg, record)), None)
+        return self._last[1]
 
-    def read(self, key, rows=None, cols=None):
+    @staticmethod
+    def _step(k: int, elems: int = 1 << 20) -> int:
+        """Rows per block: about `elems` elements (bigger blocks: glibc keeps more of the freed ones)."""
+        return max(1, elems // max(1, k))
+
+    def read(self, key, rows=None, cols=None, mapped=False):
         fqn = key[: -len(".weight")] if key.endswith(".weight") else None
         if fqn not in self.layers:
-            return super().read(key, rows, cols)
-        w = self.quantized(fqn)[1]
-        parts = rows if isinstance(rows, list) else [rows if rows is not None else slice(None)]
-        return torch.cat([w[r] if cols is None else w[r, cols] for r in parts])  # a copy: the full weight is freed
+            return super().read(key, rows, cols, mapped)
+        layer = self.quantized(fqn)
+        w = self._last[2]  # the whole FP8 weight (weight search), or None: cast the rows asked for
+        if w is not None and rows is None and cols is None:
+            return w
+        n, k = layer.shape
+        parts = [(r if r is not None else slice(None)).indices(n)[:2] for r in
+                 (rows if isinstance(rows, list) else [rows])]
+        c0, c1 = (0, k) if cols is None else cols.indices(k)[:2]
+        # the local piece in a mapping of its own, off the heap the blocks churn through
+        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), self.fp8)
+        at, step = 0, self._step(k)
+        for a, b in parts:
+            for i in range(a, b, step):
+                m = min(step, b - i)
+                if w is not None:
+                    local[at:at + m] = w[i:i + m, c0:c1]
+                else:
+                    blk = SafetensorsFolder.read(self, key, slice(i, i + m), cols).to(self.dtype)
+                    local[at:at + m] = cast_weight_block(blk, layer.weight_scale, i, self.fp8, self.profile)
+                at += m
+        return local
 
 
 class _Lazy(dict):
@@ -200,7 +282,7 @@ class _Lazy(dict):
     def __getitem__(self, fqn):
         if fqn not in self:
             raise KeyError(fqn)
-        return self.folder.quantized(fqn)[0]
+        return self.folder.quantized(fqn)
 
 
 def _check_config(cfg: QuantConfig) -> None:
@@ -224,32 +306,20 @@ def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):
     return doc, where
 
 
-def _check_unchanged(name: str, w_hp: torch.Tensor, record: dict | None) -> None:
+def _check_unchanged(name: str, w_hp: torch.Tensor | float, record: dict | None) -> None:
+    """`w_hp`: the weight, or its max-abs already computed."""
     measured = None if record is None else record.get("weight_amax")
-    if measured is not None and float(tensor_to_amax(w_hp)) > measured * (1 + 1e-3) + 1e-12:
-        raise CheckpointError(f"layer '{name}': weight max-abs {float(tensor_to_amax(w_hp)):.6g} exceeds the "
-                              f"measured {measured:.6g}; the weights changed since MEASURE. Measure again.")
+    if measured is None:
+        return
+    amax = w_hp if isinstance(w_hp, float) else max((float(tensor_to_amax(c)) for c in w_hp.split(1 << 12)),
+                                                      default=0.0)  # row blocks: no copy of the whole weight
+    if amax > measured * (1 + 1e-3) + 1e-12:
+        raise CheckpointError(f"layer '{name}': weight max-abs {amax:.6g} exceeds the measured {measured:.6g}; the "
+                              "weights changed since MEASURE. Measure again.")
 
 
-def _tensors(path: Path):
-    """(key, loader) per tensor of one safetensors file, read lazily through safe_open (mmap)."""
-    from safetensors import safe_open
-
+def _open_source(path: Path) -> SafetensorsFile:
     try:
-        f = safe_open(str(path), framework="pt")
-        keys = list(f.keys())
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    for key in keys:
-        yield key, (lambda k=key: f.get_tensor(k))
-
-
-def _progress(src: Path, files: list[str], enabled: bool):
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    total = 0
-    for fname in files:
-        with safe_open(str(src / fname), framework="pt") as f:
-            total += len(list(f.keys()))
-    return tqdm(total=total, desc="ds-quant convert", unit="tensor", disable=not enabled)
+        return SafetensorsFile(path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("convert again", "save the model again")) from None

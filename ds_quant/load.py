@@ -211,7 +211,9 @@ def _fp8_twin(folder: Fp8Folder, module: nn.Module, fqn: str) -> nn.Module:
     info = folder.layers[fqn]
     layout, rows, cols = _local(module, fqn, info.shape, folder.path)
     dev, dtype = _device(module.weight), module.weight.dtype
-    w_fp8 = folder.read(f"{fqn}.weight", rows, cols).to(dev)
+    # a whole weight (TP=1, or a layer AutoTP left whole) is file-backed, as HF maps bf16 weights: no copy at load,
+    # pages resident as they are used, shared with other processes through the page cache; slices are read (pread)
+    w_fp8 = folder.read(f"{fqn}.weight", rows, cols, mapped=rows is None and cols is None).to(dev)
     w_scale = _take(info.weight_scale, rows)
     bias = None
     if getattr(module, "bias", None) is not None:
@@ -242,7 +244,8 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending) -> None:
                     layout, rows, cols = _local(mod, fqn, folder.shape(f"{fqn}.weight"), folder.path)
                     if pname == "bias":
                         rows, cols = (rows if layout.kind is Kind.COLUMN else None), None
-                t = folder.read(key, rows, cols).to(_device(param), param.dtype)
+                # whole tensors used as they are (embeddings, norms): file-backed, only touched pages resident
+                t = folder.read(key, rows, cols, mapped=rows is None and cols is None).to(_device(param), param.dtype)
                 done[id(param)] = nn.Parameter(t, requires_grad=False)
             mod._parameters[pname] = done[id(param)]
     buffers = dict(model.named_buffers())

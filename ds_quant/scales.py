@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -203,12 +203,13 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     fmax = profile.fp8_max(dtype)
     if recipe.weight_unit:
         scale = torch.ones((w_hp.shape[0],) if per_channel else (), dtype=torch.float32, device=w_hp.device)
-        return to_fp8_saturated(w_hp, scale, dtype, fmax), scale
+        return _cast_in_row_chunks(w_hp, scale, dtype, fmax), scale
+    if not recipe.weight_opt:  # maxima and casts in row blocks: no float32 copy of the whole weight
+        return quantize_weight_blocks(lambda: _row_chunks(w_hp), tuple(w_hp.shape), recipe, dtype, profile,
+                                      backoff, reduce_max, w_hp.device)[:2]
     amax = reduce_max(row_amax(w_hp) if per_channel else tensor_to_amax(w_hp))
     base = amax_to_scale(amax, fmax, backoff, recipe.weight_rounding, profile)
     rows = base[:, None] if per_channel else base
-    if not recipe.weight_opt:
-        return to_fp8_saturated(w_hp, rows, dtype, fmax), base
     shifts = candidate_shifts(base, recipe.weight_rounding, profile)
     # the weight in units of the maxabs scale (|v| <= fmax * backoff); copy=True: never the caller's tensor
     v = w_hp.to(torch.float32, copy=True).div_(rows)
@@ -220,6 +221,75 @@ def quantize_weight(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, prof
     factor = torch.exp2(best.float())  # the chosen scale is base / factor
     v.mul_(factor[:, None] if per_channel else factor)
     return v.clamp_(-fmax, fmax).to(dtype), base / factor
+
+
+_CHUNK_ELEMS = 1 << 20  # 4 MB of float32 per step (bigger blocks: glibc keeps more of the freed ones)
+
+
+def _row_chunks(w_hp: torch.Tensor) -> list[torch.Tensor]:
+    """Row blocks of a (N, K) weight of about _CHUNK_ELEMS elements each (views, no copies)."""
+    if w_hp.dim() != 2 or w_hp.numel() <= _CHUNK_ELEMS or w_hp.shape[0] < 2:
+        return [w_hp]
+    step = max(1, _CHUNK_ELEMS // max(1, w_hp.shape[1]))
+    return list(w_hp.split(step, dim=0))
+
+
+def weight_scale_blocks(blocks: Iterable[torch.Tensor], n_rows: int, recipe: Recipe, dtype: torch.dtype,
+                        profile: DeviceProfile, backoff: float = WEIGHT_BACKOFF, reduce_max: Reduce = _identity,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """(scale, local max-abs) of a (N, K) weight given as its consecutive row blocks (at least one, possibly
+    empty): `quantize_weight`'s scale, bitwise (maxima are exact in any grouping), with one block in memory at
+    a time. Recipes without the weight search only (it needs the whole weight)."""
+    if recipe.weight_opt:
+        raise ValueError("weight_scale_blocks: the weight search needs the whole weight; use quantize_weight")
+    per_channel = recipe.weight_per_channel
+    maxima = [row_amax(c) if per_channel else tensor_to_amax(c) for c in blocks]
+    local = (torch.cat(maxima) if per_channel else torch.stack(maxima).amax()) if len(maxima) > 1 else maxima[0]
+    top = float(local.max()) if local.numel() else 0.0
+    if recipe.weight_unit:
+        return torch.ones((n_rows,) if per_channel else (), dtype=torch.float32, device=device), top
+    return amax_to_scale(reduce_max(local), profile.fp8_max(dtype), backoff, recipe.weight_rounding, profile), top
+
+
+def cast_weight_block(block: torch.Tensor, scale: torch.Tensor, first_row: int, dtype: torch.dtype,
+                      profile: DeviceProfile) -> torch.Tensor:
+    """FP8 of rows first_row.. of a weight (any of its columns) under the whole weight's `scale` (() or (N,)):
+    elementwise, so bitwise the same elements as the whole weight's cast."""
+    s = scale[first_row:first_row + block.shape[0], None] if scale.dim() == 1 else scale
+    return to_fp8_saturated(block, s, dtype, profile.fp8_max(dtype))
+
+
+def quantize_weight_blocks(blocks: Callable[[], Iterable[torch.Tensor]], shape: tuple[int, int], recipe: Recipe,
+                           dtype: torch.dtype, profile: DeviceProfile, backoff: float = WEIGHT_BACKOFF,
+                           reduce_max: Reduce = _identity, device: torch.device | str = "cpu",
+                           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`quantize_weight` of a (N, K) weight given as row blocks: `blocks()` yields its consecutive row blocks
+    and is called twice (maxima, then casts). Bitwise `quantize_weight`'s result. Returns (w_fp8, scale, the
+    local max-abs of the whole weight). `out`: the (N, K) FP8 tensor to write into (default: a new one)."""
+    scale, top = weight_scale_blocks(blocks(), shape[0], recipe, dtype, profile, backoff, reduce_max, device)
+    out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
+    at = 0
+    for c in blocks():
+        out[at:at + c.shape[0]] = cast_weight_block(c, scale, at, dtype, profile)
+        at += c.shape[0]
+    if at != shape[0]:
+        raise ValueError(f"quantize_weight_blocks: the blocks hold {at} rows, the weight {shape[0]}")
+    return out, scale, top
+
+
+def _cast_in_row_chunks(w_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    """`to_fp8_saturated(w_hp, scale, dtype, fmax)`, bitwise, a row block at a time (each element's cast depends
+    on it and its row's scale only), so only one block's float32 copy exists at once."""
+    chunks = _row_chunks(w_hp)
+    if len(chunks) == 1:
+        return to_fp8_saturated(w_hp, scale, dtype, fmax)
+    out = torch.empty(w_hp.shape, dtype=dtype, device=w_hp.device)
+    at = 0
+    for c in chunks:
+        s = scale[at:at + c.shape[0]] if scale.dim() == 2 else scale
+        out[at:at + c.shape[0]] = to_fp8_saturated(c, s, dtype, fmax)
+        at += c.shape[0]
+    return out
 
 
 def weight_to_scale(w_hp: torch.Tensor, recipe: Recipe, dtype: torch.dtype, profile: DeviceProfile,
