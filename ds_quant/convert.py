@@ -78,7 +78,7 @@ def model_linears(model_dir: str | os.PathLike):
 
 def _selected(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
     names = {"Linear"} | ({_KIND_TYPE[kind]} if kind in _KIND_TYPE else set())
-    if not cfg.allowlist.is_empty() and not any(cfg.allowlist.matches(t, fqn) for t in names):
+    if cfg.allowlist.narrows() and not any(cfg.allowlist.matches(t, fqn) for t in names):
         return False
     return not any(cfg.blocklist.matches(t, fqn) for t in names)
 
@@ -294,6 +294,9 @@ def _check_config(cfg: QuantConfig) -> None:
     if cfg.act_scope is ActScope.RANK:
         raise ConfigError(f"{cfg.source}: act_scope 'rank' gives each rank its own input scale, a checkpoint holds "
                           "one per layer; use act_scope 'global'")
+    if cfg.smooth_alpha is not None:
+        raise ConfigError(f"{cfg.source}: key 'smooth_alpha': convert writes the model's own weights, unsmoothed; "
+                          "drop the key (smoothing applies to in-memory QUANTIZE of a bf16 model)")
 
 
 def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):

@@ -10,6 +10,7 @@ against ours, 20.7 dB ours-vs-bf16, on this random tiny Llama; a wrong scale or 
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 import ds_quant
 from ds_quant import load as fp8_load
 from ds_quant.checkpoint import CheckpointError, Fp8Folder
+from ds_quant.config import ConfigError, QuantConfig
 from ds_quant.convert import convert
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import sqnr_db
@@ -461,3 +463,18 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
         assert neox["fp8_layers"]["gpt_neox.layers.0.attention.query_key_value"]["ds_class"] == "fused_LinearLayer"
         assert neox["fp8_layers"]["gpt_neox.layers.0.attention.query_key_value"]["shape"] == [192, 128]
         assert neox["other_linears"]["lm_head"][1] == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"mode": "MEASURE"}, "convert needs a QUANTIZE config"),
+    ({"fp8_config": "E5M2"}, "compressed-tensors checkpoints hold"),
+    ({"act_scope": "rank"}, "act_scope 'rank' gives each rank its own input scale"),
+    ({"smooth_alpha": 0.5}, "key 'smooth_alpha': convert writes the model's own weights"),
+])
+def test_convert_refuses_configs_a_checkpoint_cannot_hold(tmp_path, extra, message):
+    """Refused before anything is read or written: one line naming the key, and nothing at OUT_DIR."""
+    cfg = QuantConfig.from_dict({"method": "HOOKS", "mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m"),
+                                 **extra})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        convert(tmp_path / "no-model-read", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
