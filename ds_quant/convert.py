@@ -294,6 +294,10 @@ def _check_config(cfg: QuantConfig) -> None:
     if cfg.act_scope is ActScope.RANK:
         raise ConfigError(f"{cfg.source}: act_scope 'rank' gives each rank its own input scale, a checkpoint holds "
                           "one per layer; use act_scope 'global'")
+    if cfg.outlier_channels:
+        raise ConfigError(f"{cfg.source}: key 'outlier_channels' ({cfg.outlier_channels}): a compressed-tensors checkpoint "
+                          "has no place for the bf16 outlier columns, so its input scales would not be QUANTIZE's; "
+                          "set it to 0 for convert (or quantize in memory)")
     if cfg.smooth_alpha is not None:
         raise ConfigError(f"{cfg.source}: key 'smooth_alpha': convert writes the model's own weights, unsmoothed; "
                           "drop the key (smoothing applies to in-memory QUANTIZE of a bf16 model)")

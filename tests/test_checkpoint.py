@@ -470,6 +470,7 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
     ({"fp8_config": "E5M2"}, "compressed-tensors checkpoints hold"),
     ({"act_scope": "rank"}, "act_scope 'rank' gives each rank its own input scale"),
     ({"smooth_alpha": 0.5}, "key 'smooth_alpha': convert writes the model's own weights"),
+    ({"outlier_channels": 16}, "key 'outlier_channels' (16): a compressed-tensors checkpoint has no place"),
 ])
 def test_convert_refuses_configs_a_checkpoint_cannot_hold(tmp_path, extra, message):
     """Refused before anything is read or written: one line naming the key, and nothing at OUT_DIR."""
