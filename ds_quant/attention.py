@@ -100,9 +100,9 @@ def attention_modules(model) -> dict[str, torch.nn.Module]:
             if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower()}
 
 
-def _uses_interface(module) -> bool:
+def _uses_interface(cls) -> bool:
     try:
-        src = inspect.getsource(type(module).forward)
+        src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
@@ -126,7 +126,8 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     log = get_logger()
     config = _text_config(model)
     modules = attention_modules(model)
-    inline = sorted({type(m).__name__ for m in modules.values() if not _uses_interface(m)})
+    covered = {cls: _uses_interface(cls) for cls in {type(m) for m in modules.values()}}  # source read once per class
+    inline = sorted({cls.__name__ for cls, ok in covered.items() if not ok})
     if inline:
         log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(inline)} (the model calls "
                     "torch.matmul inline, not transformers' attention interface); they stay in high precision")
@@ -140,7 +141,7 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
         fallback = "sdpa"
     sites, specs = {}, {}
     for name, m in modules.items():
-        if not _uses_interface(m):
+        if not covered[type(m)]:
             continue
         which = {k: selected(cfg, t, n) for k, (t, n) in site_names(name).items()}
         if any(which.values()):

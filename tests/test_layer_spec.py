@@ -61,6 +61,22 @@ def inspect_rows(merged, cfg_path, capsys) -> dict:
     return {r["layer"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
 
 
+def book_rows(doc, cfg) -> dict:
+    header, table = workbook_rows(doc, cfg)
+    return {r[0]: dict(zip(header, r, strict=True)) for r in table}
+
+
+def three_views(measured, tiny_model, capsys, name="quant.json", **extra):
+    """One config's scales as the FP8 twins, `inspect --quant-config` and the workbook rows give them."""
+    tmp, merged = measured
+    cfg_path = tmp / name
+    cfg_path.write_text(json.dumps(settings(tmp, **extra)))
+    cfg = QuantConfig.from_json(cfg_path)
+    doc = json.loads(open(merged).read())
+    return cfg, cfg_path, doc, twins_scales(tiny_model, cfg), inspect_rows(merged, cfg_path, capsys), \
+        book_rows(doc, cfg)
+
+
 def sheet_rows(path, sheet="model") -> dict:
     ws = load_workbook(path)[sheet]
     header = [c.value for c in ws[1]]
@@ -69,14 +85,7 @@ def sheet_rows(path, sheet="model") -> dict:
 
 def test_twins_workbook_and_inspect_agree_layer_by_layer(measured, tiny_model, capsys):
     tmp, merged = measured
-    cfg_path = tmp / "quant.json"
-    cfg_path.write_text(json.dumps(settings(tmp)))
-    cfg = QuantConfig.from_json(cfg_path)
-    twins = twins_scales(tiny_model, cfg)
-    shown = inspect_rows(merged, cfg_path, capsys)
-    doc = json.loads(open(merged).read())
-    header, table = workbook_rows(doc, cfg)
-    book = {r[0]: dict(zip(header, r, strict=True)) for r in table}
+    cfg, _, doc, twins, shown, book = three_views(measured, tiny_model, capsys)
     # The workbook MEASURE wrote from the same settings. openpyxl writes a number as 16 significant digits
     # ('%.16g'), so a float64 read back from the file may differ in the 17th digit: compared to 1e-15 relative.
     cells = sheet_rows(tmp / "stats.xlsx")
@@ -107,15 +116,8 @@ def test_twins_workbook_and_inspect_agree_layer_by_layer(measured, tiny_model, c
 
 
 def test_outlier_channels_agree_on_the_input_scale(measured, tiny_model, capsys):
-    tmp, merged = measured
-    cfg_path = tmp / "quant_outliers.json"
-    cfg_path.write_text(json.dumps(settings(tmp, outlier_channels=4)))
-    cfg = QuantConfig.from_json(cfg_path)
-    twins = twins_scales(tiny_model, cfg)
-    shown = inspect_rows(merged, cfg_path, capsys)
-    doc = json.loads(open(merged).read())
-    header, table = workbook_rows(doc, cfg)
-    book = {r[0]: dict(zip(header, r, strict=True)) for r in table}
+    cfg, _, doc, twins, shown, book = three_views(measured, tiny_model, capsys, "quant_outliers.json",
+                                                  outlier_channels=4)
     lowered = 0
     for name, (in_scale, w_scale) in twins.items():
         assert shown[name]["input_scale"] == book[name]["input_scale"] == in_scale, name
@@ -130,15 +132,8 @@ def test_outlier_channels_agree_on_the_input_scale(measured, tiny_model, capsys)
 def test_every_consumer_takes_its_numbers_from_the_spec(measured, tiny_model, capsys, monkeypatch):
     """Divergence: one layer's spec is changed behind the config's back (input backoff halved, weight backoff
     halved). A consumer that reads the config itself instead of the spec keeps the old numbers and fails here."""
-    tmp, merged = measured
-    cfg_path = tmp / "quant.json"
-    cfg_path.write_text(json.dumps(settings(tmp)))
-    cfg = QuantConfig.from_json(cfg_path)
-    before_twins = twins_scales(tiny_model, cfg)
-    before_shown = inspect_rows(merged, cfg_path, capsys)
-    doc = json.loads(open(merged).read())
-    header, table = workbook_rows(doc, cfg)
-    before_book = {r[0]: dict(zip(header, r, strict=True)) for r in table}
+    _, merged = measured
+    cfg, cfg_path, doc, before_twins, before_shown, before_book = three_views(measured, tiny_model, capsys)
     target = "model.layers.1.self_attn.k_proj"
     real = layer_spec.resolve
 
@@ -151,8 +146,7 @@ def test_every_consumer_takes_its_numbers_from_the_spec(measured, tiny_model, ca
     monkeypatch.setattr(layer_spec, "resolve", patched)
     after_twins = twins_scales(tiny_model, cfg)
     after_shown = inspect_rows(merged, cfg_path, capsys)
-    header, table = workbook_rows(doc, cfg)
-    after_book = {r[0]: dict(zip(header, r, strict=True)) for r in table}
+    after_book = book_rows(doc, cfg)
     for name in before_twins:
         factor = 2.0 if name == target else 1.0  # maxabs_hw on CUDA: exact, so exactly doubled
         assert after_twins[name][0] == factor * before_twins[name][0], name
