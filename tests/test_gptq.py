@@ -1,0 +1,153 @@
+"""GPTQ-style FP8 weight rounding (ds_quant/gptq.py): the math alone, single process, CPU."""
+
+import pytest
+import torch
+
+from ds_quant.config import DeviceForScales, ScaleMethod
+from ds_quant.gptq import GptqParams, HessianError, gptq_round, hessian_add
+from ds_quant.scales import PROFILES, RECIPES, quantize_weight
+
+E4M3 = torch.float8_e4m3fn
+CUDA = PROFILES[DeviceForScales.CUDA]
+PCS_OPT = RECIPES[ScaleMethod("act_maxabs_hw_weights_pcs_opt_pow2")]
+PER_TENSOR = RECIPES[ScaleMethod("maxabs_hw")]  # one arbitrary float32 scale: not a power of two
+
+
+def layer(n=48, k=160, seed=0, mix=0.3):
+    """A bf16 weight (n, k) and correlated inputs X (4096, k): X = Z A with A = mix * I + random / sqrt(k), so
+    channels share components, as real activations do."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    a = torch.randn(k, k, generator=g) / k ** 0.5 + mix * torch.eye(k)
+    x = torch.randn(4096, k, generator=g) @ a
+    h = torch.zeros(k, k, dtype=torch.float64)
+    hessian_add(h, x)
+    return w, x, h
+
+
+def rows(scale):
+    return scale[:, None] if scale.dim() else scale
+
+
+def out_err(x, w, codes, scale, keep=None, keep_hp=None):
+    """‖X Wᵀ − X Ŵᵀ‖_F in float64, Ŵ = codes * scale with the kept columns in high precision."""
+    w_hat = codes.double() * rows(scale).double()
+    if keep is not None:
+        w_hat[:, keep] = keep_hp
+    return float((x.double() @ (w.double() - w_hat).t()).norm())
+
+
+def test_hessian_add_is_x_transpose_x_over_every_token():
+    x = torch.randn(3, 7, 5)
+    h = torch.zeros(5, 5, dtype=torch.float64)
+    hessian_add(h, x[:2])
+    hessian_add(h, x[2:])
+    x2 = x.reshape(-1, 5).double()
+    torch.testing.assert_close(h, x2.t() @ x2, rtol=1e-12, atol=1e-12)  # float64 sums of float32 products
+
+
+@pytest.mark.parametrize("recipe", [PCS_OPT, PER_TENSOR], ids=["pcs_opt_pow2", "per_tensor_arbitrary"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_diagonal_hessian_gives_round_to_nearest_bit_for_bit(recipe, act_order):
+    """Uncorrelated inputs: no column's error can be compensated by another, so GPTQ is RTN (tolerance: none;
+    the same saturating cast on the same float32 values)."""
+    w, _, h = layer()
+    w_rtn, scale = quantize_weight(w, recipe, E4M3, CUDA)
+    codes, keep_hp = gptq_round(w, torch.diag(h.diagonal()), scale, E4M3, 448.0, GptqParams(act_order=act_order))
+    assert torch.equal(codes.view(torch.uint8), w_rtn.view(torch.uint8))
+    assert keep_hp.shape == (w.shape[0], 0)
+
+
+@pytest.mark.parametrize("recipe", [PCS_OPT, PER_TENSOR], ids=["pcs_opt_pow2", "per_tensor_arbitrary"])
+def test_on_correlated_inputs_the_layer_output_error_is_well_below_rtns(recipe):
+    """GPTQ minimises ‖X Wᵀ − X Ŵᵀ‖ greedily; on this layer it was measured at 0.70-0.71x RTN's (act order
+    0.67-0.68x). Asserted: <= 0.8x, and act order no worse than 0.85x (a broken update, a wrong Cholesky factor or
+    a transposed Hessian gives >= 1x)."""
+    w, x, h = layer()
+    w_rtn, scale = quantize_weight(w, recipe, E4M3, CUDA)
+    rtn = out_err(x, w, w_rtn, scale)
+    for act_order, bound in ((False, 0.8), (True, 0.85)):
+        codes, _ = gptq_round(w, h, scale, E4M3, 448.0, GptqParams(act_order=act_order))
+        assert out_err(x, w, codes, scale) <= bound * rtn, (act_order, out_err(x, w, codes, scale) / rtn)
+
+
+def test_every_code_is_on_the_grid_of_the_given_scale_and_saturates():
+    """The grid is QUANTIZE's: codes are FP8 values within +-fmax of the given scale. A scale 16x too small (the
+    weight far beyond the range) clamps to +-448, never inf/NaN."""
+    w, _, h = layer()
+    _, scale = quantize_weight(w, PCS_OPT, E4M3, CUDA)
+    codes, _ = gptq_round(w, h, scale / 16, E4M3, 448.0)
+    f = codes.float()
+    assert bool(torch.isfinite(f).all()) and float(f.abs().max()) == 448.0
+
+
+def test_kept_columns_are_not_rounded_and_absorb_the_rest_of_the_error():
+    """outlier_channels: the kept columns are 0 in the codes, come back in high precision (changed: they took up
+    error), and the output error is below GPTQ's without them (measured 0.69x vs 0.71x RTN's; asserted < and
+    <= 0.75x). With a diagonal Hessian there is nothing to absorb: they come back as they were, exactly."""
+    w, x, h = layer()
+    keep = torch.tensor([150, 3, 77, 20])
+    w_rest = w.clone()
+    w_rest[:, keep] = 0
+    w_rtn, scale = quantize_weight(w_rest, PCS_OPT, E4M3, CUDA)
+    sorted_keep = torch.sort(keep).values
+    rtn = out_err(x, w, w_rtn, scale, sorted_keep, w.double()[:, sorted_keep])
+    plain, _ = gptq_round(w, h, scale, E4M3, 448.0)
+    codes, keep_hp = gptq_round(w, h, scale, E4M3, 448.0, keep=keep)
+    assert bool((codes.float()[:, keep] == 0).all()) and keep_hp.shape == (w.shape[0], 4)
+    assert not torch.equal(keep_hp, w.double()[:, sorted_keep])
+    with_keep = out_err(x, w, codes, scale, sorted_keep, keep_hp)
+    assert with_keep < out_err(x, w, plain, scale) and with_keep <= 0.75 * rtn
+    codes_d, keep_d = gptq_round(w, torch.diag(h.diagonal()), scale, E4M3, 448.0, keep=keep)
+    assert torch.equal(keep_d, w.double()[:, sorted_keep])
+    w_rtn_rest = w_rtn.float().clone()
+    assert torch.equal(codes_d.float(), w_rtn_rest)  # RTN of the weight without its kept columns (0 there too)
+
+
+def test_rows_are_independent_so_a_row_split_gives_the_same_codes():
+    """Column-parallel TP cuts the rows: each rank rounds its rows with the same (full-K) Hessian. Bitwise the
+    rows of the whole weight's result (the per-row arithmetic does not depend on the other rows up to float64
+    GEMM rounding, ~1e-16 relative, far below E4M3's 1/16 spacing)."""
+    w, _, h = layer(n=64)
+    _, scale = quantize_weight(w, PCS_OPT, E4M3, CUDA)
+    whole, _ = gptq_round(w, h, scale, E4M3, 448.0)
+    top, _ = gptq_round(w[:40], h, scale[:40], E4M3, 448.0)
+    bottom, _ = gptq_round(w[40:], h, scale[40:], E4M3, 448.0)
+    assert torch.equal(torch.cat([top, bottom]).view(torch.uint8), whole.view(torch.uint8))
+
+
+def test_the_block_size_is_only_a_speed_knob():
+    w, _, h = layer()
+    _, scale = quantize_weight(w, PCS_OPT, E4M3, CUDA)
+    ref, _ = gptq_round(w, h, scale, E4M3, 448.0, GptqParams(block=128))
+    for block in (1, 7, 1000):
+        codes, _ = gptq_round(w, h, scale, E4M3, 448.0, GptqParams(block=block))
+        assert torch.equal(codes.view(torch.uint8), ref.view(torch.uint8)), block
+
+
+def test_an_input_channel_that_never_saw_input_is_rounded_to_nearest_without_nan():
+    w, x, _ = layer()
+    x = x.clone()
+    x[:, 9] = 0
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    hessian_add(h, x)
+    w_rtn, scale = quantize_weight(w, PCS_OPT, E4M3, CUDA)
+    codes, _ = gptq_round(w, h, scale, E4M3, 448.0)
+    assert bool(torch.isfinite(codes.float()).all())
+    assert torch.equal(codes[:, 9].view(torch.uint8), w_rtn[:, 9].view(torch.uint8))
+
+
+def test_a_hessian_that_does_not_fit_is_refused_naming_the_layer():
+    w, _, h = layer()
+    _, scale = quantize_weight(w, PCS_OPT, E4M3, CUDA)
+    with pytest.raises(HessianError, match=r"model\.layers\.0\.q_proj: Hessian of shape \(159, 159\) for a weight "
+                                           r"of 160 input channels"):
+        gptq_round(w, h[1:, 1:], scale, E4M3, 448.0, name="model.layers.0.q_proj")
+    bad = h.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(HessianError, match="q_proj: the Hessian has non-finite values"):
+        gptq_round(w, bad, scale, E4M3, 448.0, name="q_proj")
+    indefinite = -torch.eye(w.shape[1], dtype=torch.float64) + 1.0  # diagonal 0 (dead), off-diagonal 1
+    indefinite.fill_diagonal_(0.5)
+    with pytest.raises(HessianError, match="q_proj: the damped Hessian is not positive definite"):
+        gptq_round(w, indefinite, scale, E4M3, 448.0, name="q_proj")
