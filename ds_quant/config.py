@@ -141,6 +141,18 @@ class ModuleFilter:
 
 
 @dataclass(frozen=True)
+class GptqParams:
+    """Config key `gptq` (a ds_quant extension; HQT has none): GPTQ-style error-compensating weight rounding
+    (gptq.py). MEASURE records each linear's input Hessian; QUANTIZE rounds the weights with it.
+    damp: added to the Hessian's diagonal as a fraction of its mean. block: columns per batched update (speed
+    only). act_order: round input channels in order of decreasing Hessian diagonal."""
+
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = False
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     method: str = "HOOKS"
     mode: Mode = Mode.QUANTIZE
@@ -161,6 +173,7 @@ class QuantConfig:
     outlier_channels: int = 0  # QUANTIZE: each linear's K largest measured input channels stay high precision
     save_max_bytes: int = 1 << 30  # observer "save": the most bytes of tensors one rank keeps
     smooth_alpha: float | None = None  # QUANTIZE: SmoothQuant-style smoothing with this migration strength (smooth.py)
+    gptq: GptqParams | None = None  # MEASURE records input Hessians; QUANTIZE rounds weights by GPTQ (gptq.py)
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -210,6 +223,7 @@ class QuantConfig:
             outlier_channels=_parse_outlier_channels(data.get("outlier_channels", 0), source),
             save_max_bytes=_parse_save_max_bytes(data.get("save_max_bytes", 1 << 30), source),
             smooth_alpha=_parse_smooth_alpha(data.get("smooth_alpha"), source),
+            gptq=_parse_gptq(data.get("gptq"), source),
             source=source,
         )
         cfg._check_combinations()
@@ -261,6 +275,9 @@ class QuantConfig:
             raise ConfigError(f"{src}: key 'smooth_alpha' needs measured input statistics, which scale_method "
                               f"{self.scale_method.value!r} does not read; use a static method (e.g. "
                               "act_maxabs_hw_weights_pcs_opt_pow2) or drop 'smooth_alpha'")
+        if self.gptq is not None and self.smooth_alpha is not None:
+            raise ConfigError(f"{src}: keys 'gptq' and 'smooth_alpha' together are not implemented (the Hessians are "
+                              "of the unsmoothed inputs); drop one of them")
         both = set(self.allowlist.types) & set(self.blocklist.types)
         if both:
             raise ConfigError(f"{src}: keys 'allowlist.types' and 'blocklist.types' both list {sorted(both)}; "
@@ -270,7 +287,32 @@ class QuantConfig:
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
          "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels", "save_max_bytes",
-         "smooth_alpha")
+         "smooth_alpha", "gptq")
+_GPTQ_KEYS = ("damp", "block", "act_order")
+
+
+def _parse_gptq(value: Any, source: str) -> GptqParams | None:
+    """`gptq`: an object with any of damp (number in (0, 1]), block (integer 1..65536), act_order (true/false);
+    `{}` takes the defaults; absent or null = off."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: key 'gptq': {value!r} must be an object such as "
+                          '{"damp": 0.01, "block": 128, "act_order": false} ({} for the defaults); leave it out for '
+                          "round-to-nearest weights")
+    unknown = [k for k in value if k not in _GPTQ_KEYS]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{source}: unknown key 'gptq.{k}'{_closest(k, _GPTQ_KEYS)}; accepted: {', '.join(_GPTQ_KEYS)}")
+    damp, block, act_order = (value.get(k, getattr(GptqParams, k)) for k in _GPTQ_KEYS)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+        raise ConfigError(f"{source}: key 'gptq.damp': {damp!r} must be a number in (0, 1] (e.g. 0.01: 1 % of the "
+                          "Hessian's mean diagonal)")
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= 65536:
+        raise ConfigError(f"{source}: key 'gptq.block': {block!r} must be an integer in 1..65536 (e.g. 128)")
+    if not isinstance(act_order, bool):
+        raise ConfigError(f"{source}: key 'gptq.act_order': {act_order!r} must be true or false")
+    return GptqParams(float(damp), block, act_order)
 
 
 def _parse_smooth_alpha(value: Any, source: str) -> float | None:

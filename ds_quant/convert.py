@@ -301,6 +301,9 @@ def _check_config(cfg: QuantConfig) -> None:
     if cfg.smooth_alpha is not None:
         raise ConfigError(f"{cfg.source}: key 'smooth_alpha': convert writes the model's own weights, unsmoothed; "
                           "drop the key (smoothing applies to in-memory QUANTIZE of a bf16 model)")
+    if cfg.gptq is not None:
+        raise ConfigError(f"{cfg.source}: key 'gptq': convert rounds weights to nearest (GPTQ rounding is not "
+                          "implemented there); drop the key, or quantize the bf16 model in memory")
 
 
 def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):

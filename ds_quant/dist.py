@@ -86,6 +86,23 @@ def all_reduce_sum(t, group=None):
     return t
 
 
+def all_gather_last_dim(t, sizes, group=None):
+    """Every rank's (..., sizes[r]) slice, concatenated in rank order along the last dim: (..., sum(sizes)),
+    float32 (bf16 values exactly). Slices may be uneven (DeepSpeed's partition sizes): each is padded to the
+    largest for the collective and trimmed after. `t` itself (float32) when there is no group."""
+    import torch
+
+    if group_size(group) == 1:
+        return t.float()
+    import torch.distributed as dist
+
+    width = max(sizes)
+    padded = torch.nn.functional.pad(t.float(), (0, width - t.shape[-1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+
 # -- errors -----------------------------------------------------------------------------------------------
 class RankError(ValueError):
     """A check failed on at least one rank; every rank raises this one, with the same message."""

@@ -20,23 +20,12 @@ float64 GEMMs, far below the FP8 spacing, so every TP size rounds to the same gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .config import GptqParams
 from .scales import to_fp8_saturated
 
-
-@dataclass(frozen=True)
-class GptqParams:
-    """damp: added to H's diagonal as a fraction of its mean (keeps the Cholesky stable where inputs are
-    nearly collinear; GPTQ's 1 %). block: columns per lazy batch update (a speed knob: the result is the same
-    up to float64 rounding). act_order: round columns in order of decreasing H diagonal (largest inputs
-    first) instead of 0..K-1."""
-
-    damp: float = 0.01
-    block: int = 128
-    act_order: bool = False
+__all__ = ["GptqParams", "HessianError", "gptq_round", "hessian_add"]
 
 
 class HessianError(ValueError):
@@ -50,12 +39,13 @@ def hessian_add(h: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def gptq_round(w_hp: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float,
-               params: GptqParams = GptqParams(), keep: torch.Tensor | None = None, name: str = "weight"
+               params: GptqParams | None = None, keep: torch.Tensor | None = None, name: str = "weight"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_fp8 (N, K) in `dtype`, keep_hp (N, len(keep)) float64, columns in ascending channel order): the FP8 codes of w_hp (N, K) under `scale`
     (() per tensor or (N,) per output channel, the convention of scales.py: w ≈ w_fp8 * scale), rounded by
     GPTQ with `hessian` (K, K); the `keep` columns (input channel indices) are 0 in w_fp8 and returned,
     error-compensated, in keep_hp. With a diagonal Hessian (uncorrelated inputs) this is RTN, exactly."""
+    params = GptqParams() if params is None else params
     n, k = w_hp.shape
     if hessian.shape != (k, k):
         raise HessianError(f"{name}: Hessian of shape {tuple(hessian.shape)} for a weight of {k} input channels")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import ActScope, DeviceForScales, Fp8Format, MeasureExclude, QuantConfig, ScaleMethod
+from .config import ActScope, DeviceForScales, Fp8Format, GptqParams, MeasureExclude, QuantConfig, ScaleMethod
 from .scales import (
     INPUT_BACKOFF,
     PROFILES,
@@ -58,6 +58,7 @@ class LayerSpec:
     act_scope: ActScope = ActScope.GLOBAL
     outlier_channels: int = 0
     measure_exclude: MeasureExclude = MeasureExclude.OUTPUT
+    gptq: GptqParams | None = None  # linears: MEASURE records the input Hessian, QUANTIZE rounds by GPTQ
 
     @property
     def fp8_dtype(self) -> torch.dtype:
@@ -110,7 +111,8 @@ def resolve(config: QuantConfig, name: str, kind: Kind | str = Kind.LINEAR) -> L
                      input_backoff=float(config.input_backoff), weight_backoff=float(config.weight_backoff),
                      act_scope=ActScope.parse(config.act_scope, "act_scope", src) if linear else ActScope.GLOBAL,
                      outlier_channels=int(config.outlier_channels) if linear else 0,
-                     measure_exclude=MeasureExclude.parse(config.measure_exclude, "measure_exclude", src))
+                     measure_exclude=MeasureExclude.parse(config.measure_exclude, "measure_exclude", src),
+                     gptq=config.gptq if linear else None)
 
 
 def default_spec(name: str, method: ScaleMethod | str = ScaleMethod.MAXABS_HW,

@@ -17,7 +17,7 @@ from torch import nn
 from . import ops
 from .config import ActScope, MeasureExclude
 from .layer_spec import LayerSpec, outlier_split, require_spec
-from .observers import MaxAbsObserver
+from .observers import HessianObserver, MaxAbsObserver
 from .scales import Act, quantize_weight, tensor_to_amax
 from .tp import Kind, TPLayout
 
@@ -55,19 +55,23 @@ class MeasuredLinear(_TwinLinear):
     """Computes exactly what the original computes, and records max-abs statistics on the way."""
 
     def __init__(self, name: str, layout: TPLayout, weight: torch.Tensor, bias: torch.Tensor | None,
-                 exclude: MeasureExclude):
+                 exclude: MeasureExclude, hessian: bool = False):
         super().__init__(name, layout, bias, weight.dtype)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares storage with the original
         self.observer = MaxAbsObserver(weight.shape[1], exclude, device=weight.device)
+        # config `gptq`: Σ xᵀx over the whole input (row-parallel slices all-gathered)
+        self.hessian = HessianObserver(layout, layout.full_shape(*weight.shape)[1], weight.device) if hessian else None
         self.dump = None  # observer "save": the rank's TensorDump (tensor_dump.py), shared by its layers
 
     @classmethod
     def from_original(cls, module: nn.Module, name: str, spec: LayerSpec) -> MeasuredLinear:
         spec = require_spec(spec, "MeasuredLinear.from_original")
-        return cls(name, TPLayout.of(module), module.weight, module.bias, spec.measure_exclude)
+        return cls(name, TPLayout.of(module), module.weight, module.bias, spec.measure_exclude, spec.gptq is not None)
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self.observer.observe_input(x_local)
+        if self.hessian is not None:
+            self.hessian.observe(x_local)
         if self.dump is not None:
             self.dump.add(self.name, "input", x_local)
         if bias is not None:
@@ -119,21 +123,28 @@ class Fp8Linear(_TwinLinear):
         return ops.fallback_reason(self.weight.device, *self.weight.shape, rowwise=self.rowwise)
 
     @classmethod
-    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec, record: dict | None) -> Fp8Linear:
+    def from_original(cls, module: nn.Module, name: str, spec: LayerSpec, record: dict | None,
+                      hessian: torch.Tensor | None = None) -> Fp8Linear:
         """`spec`: the layer's numbers (`layer_spec.resolve(config, name)`); `record`: its measurement (None when
-        the method needs none)."""
+        the method needs none); `hessian`: its model-level input Hessian (in_features², config `gptq`), or None
+        for round-to-nearest weights."""
         spec = require_spec(spec, "Fp8Linear.from_original")
         layout = TPLayout.of(module)
         recipe = spec.recipe
         w_hp = module.weight.detach()
         if record is not None and record.get("weight_amax") is not None:
             _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
-        outliers = split_outliers(record, layout, w_hp, spec.outlier_channels) if record else None
+        if hessian is not None and spec.gptq is not None:
+            w_fp8, weight_scale, outliers = gptq_weight(name, layout, w_hp, record, spec, hessian)
+        else:
+            outliers = split_outliers(record, layout, w_hp, spec.outlier_channels) if record else None
+            if outliers is not None:
+                w_hp = outliers.weight_rest
+            reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
+            w_fp8, weight_scale = quantize_weight(w_hp, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff,
+                                                  reduce_max, reduce_sum)
         if outliers is not None:
-            w_hp, record = outliers.weight_rest, outliers.record
-        reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
-        w_fp8, weight_scale = quantize_weight(w_hp, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff,
-                                              reduce_max, reduce_sum)
+            record = outliers.record
         input_scale = None
         if recipe.act is not Act.DYNAMIC:
             input_scale = spec.input_scale(input_amax(record, layout, spec.act_scope) if record else 0.0,
@@ -190,6 +201,51 @@ def split_outliers(record: dict, layout: TPLayout, w_hp: torch.Tensor, k: int) -
     weight_rest = w_hp.clone()
     weight_rest[:, local] = 0
     return Outliers(local, w_hp[:, local].clone(), weight_rest, rest)
+
+
+def gptq_weight(name: str, layout: TPLayout, w_hp: torch.Tensor, record: dict | None, spec: LayerSpec,
+                hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Outliers | None]:
+    """(w_fp8, weight_scale, outliers) of this rank's part of the layer, its weight rounded by GPTQ (gptq.py) on
+    the grid of the scale quantize_weight gives it (outlier columns zeroed, as in the round-to-nearest path).
+    GPTQ couples the input channels, so a layer whose rank holds a slice of them (row-parallel) gathers its whole
+    weight first (a collective over the TP group): every rank rounds the same whole weight with the same full-K
+    Hessian and keeps its columns, so every TP size gets the same FP8 weight. Column-parallel rows are rounded
+    where they are (rows are independent). The outlier columns stay high precision and take up the rest of the
+    error (GPTQ's compensation), so they differ from the bf16 originals."""
+    from . import dist
+    from .gptq import gptq_round
+
+    recipe = spec.recipe
+    part = layout.input_slice()
+    if part is not None and layout.tp_size > 1:
+        w_full = dist.all_gather_last_dim(w_hp, layout.partition_sizes, layout.mp_group).to(w_hp.dtype)
+        reduce_max = reduce_sum = lambda t: t  # noqa: E731 - the whole weight is here
+    else:
+        w_full, part = w_hp, None
+        reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
+    split = outlier_split(record, spec.outlier_channels) if record else None
+    top, rest_record = None, record
+    if split is not None and len(split[1]) == w_full.shape[1]:
+        top, rest = split
+        rest_record = {**record, "input_amax": float(rest.max()), "input_channel_amax": rest.numpy()}
+    w_rest = w_full.clone()
+    if top is not None:
+        w_rest[:, top.to(w_rest.device)] = 0
+    _, scale = quantize_weight(w_rest, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff, reduce_max,
+                               reduce_sum)
+    codes, keep_hp = gptq_round(w_full, hessian, scale, spec.fp8_dtype, spec.fp8_max, spec.gptq, keep=top,
+                                name=name)
+    start = 0 if part is None else part.start
+    width = w_hp.shape[1]
+    if part is not None:
+        codes = codes[:, start:start + width].contiguous()
+    if top is None:
+        return codes, scale, None
+    mine = (top >= start) & (top < start + width)
+    local = (top[mine] - start).to(w_hp.device)
+    w_rest_local = w_rest[:, start:start + width]
+    return codes, scale, Outliers(local, keep_hp[:, mine.to(keep_hp.device)].to(w_hp.dtype).contiguous(),
+                                  w_rest_local, rest_record)
 
 
 def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:

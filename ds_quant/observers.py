@@ -11,6 +11,7 @@ import torch
 
 from .config import MeasureExclude
 from .scales import channel_amax, tensor_to_amax
+from .tp import TPLayout
 
 
 class MaxAbsObserver:
@@ -56,3 +57,32 @@ class MaxAbsObserver:
             "samples": int(self.samples),
             "nonfinite_inputs": int(self.nonfinite),
         }
+
+
+class HessianObserver:
+    """Σ xᵀx over every token of a linear's whole input, (in_features, in_features) float32 (config `gptq`).
+
+    Model-level like the max-abs vectors: where this rank's GEMM sees a slice of the input channels (row-parallel,
+    lm-head) the slices are all-gathered in every forward (a collective: every rank runs the same forwards);
+    column-parallel inputs are the same on every rank. So every rank would hold the same sum: only TP rank 0
+    keeps it (memory: in_features² × 4 bytes per linear), the others take part in the gathers. Non-finite
+    values count as 0, as in MaxAbsObserver."""
+
+    def __init__(self, layout: TPLayout, in_features: int, device: torch.device | None = None):
+        self.layout = layout
+        self.keep = layout.tp_rank == 0
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if self.keep else None
+        self.tokens = 0
+
+    def observe(self, x_local: torch.Tensor) -> None:
+        from . import dist
+
+        x = x_local.reshape(-1, x_local.shape[-1])
+        if self.layout.spec.input.split and self.layout.tp_size > 1:
+            x = dist.all_gather_last_dim(x, self.layout.partition_sizes, self.layout.mp_group)
+        if not self.keep:
+            return
+        x = x.float()
+        x = x.masked_fill(~torch.isfinite(x), 0)
+        self.hessian.addmm_(x.t(), x)
+        self.tokens += x.shape[0]

@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import attention, dist, kv_cache, layer_spec, measurements, tensor_dump
+from . import attention, dist, hessians, kv_cache, layer_spec, measurements, tensor_dump
 from . import load as fp8_load
 from .config import ConfigError, Mode, Observer, QuantConfig, resolve_config
 from .experts import Fp8Experts, MeasuredExperts, _TwinExperts, expert_shapes
@@ -50,6 +50,9 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
         if cfg.smooth_alpha is not None:  # its FP8 weights were quantized (or are being) without folding
             raise ConfigError(f"{cfg.source}: key 'smooth_alpha' applies to in-memory QUANTIZE of a bf16 model, not to "
                               "FP8 checkpoints or quantize-on-load; drop it, or quantize the bf16 model in memory")
+        if cfg.gptq is not None:
+            raise ConfigError(f"{cfg.source}: key 'gptq' applies to in-memory QUANTIZE of a bf16 model, not to FP8 "
+                              "checkpoints or quantize-on-load; drop it, or quantize the bf16 model in memory")
         model, report = fp8_load.load_pending(model, cfg)
         _log_outcome(model, cfg, report)
         setattr(model, _CONFIG_ATTR, cfg)
@@ -106,6 +109,14 @@ def finish_measurements(model: nn.Module) -> str | None:
                     f"file as nonfinite_inputs): " + ", ".join(f"{n} ({c})" for n, c in worst[:5])
                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     out = _save(model, layers, cfg, rank, world, group, dtype, kv, attn)
+    with_h = {n: (m.hessian.hessian, m.hessian.tokens) for n, m in measured.items()
+              if m.hessian is not None and m.hessian.keep}
+    if any(m.hessian is not None for m in measured.values()):
+        run = getattr(model, "_ds_quant_run", None)
+        hpath = dist.agree(lambda: hessians.write(cfg.dump_stats_path, with_h, run) if rank == 0 else None,
+                           _group(group, world), what="MEASURE: writing the Hessians (gptq)")
+        if hpath:
+            log.info(f"wrote {hpath} (input Hessians of {len(with_h)} layers, for gptq)")
     log.info(f"wrote {measurements.shard_path(cfg.dump_stats_path, rank, world)}"
              + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
     dump = next((m.dump for m in measured.values() if m.dump is not None), None)
@@ -155,7 +166,8 @@ def _start_measure(cfg: QuantConfig, model: nn.Module, targets) -> str:
     def check() -> list[str]:
         measurements.check_writable(cfg.dump_stats_path, measurements.estimated_bytes(widths))
         return measurements.remove_previous(cfg.dump_stats_path, rank) + \
-            tensor_dump.remove_previous(cfg.dump_stats_path, rank)
+            tensor_dump.remove_previous(cfg.dump_stats_path, rank) + \
+            (hessians.remove_previous(cfg.dump_stats_path) if rank == 0 else [])
 
     gone = dist.agree(check, g, what="MEASURE")
     if gone:
@@ -202,8 +214,10 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
 
     measured = [(fqn, m) for fqn, m in targets if specs[fqn].needs_measurements]
     measured_experts = [(fqn, m) for fqn, m in experts if specs_experts[fqn].needs_measurements]
+    hess = _hessians(cfg, targets, specs)
     if not measured and not measured_experts:
-        return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn), None),
+        hess = hess(None)
+        return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn), None, hess(fqn)),
                 lambda module, fqn: Fp8Experts.from_original(module, fqn, experts_spec(fqn), None))
     rank, world, group = tp_position(TPLayout.of(m) for _, m in measured)
     g = _group(group, world)
@@ -219,10 +233,30 @@ def _fp8_makers(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], experts:
 
         doc = {**doc, "layers": fold_for_quantize(model, doc["layers"], cfg, g)}
     with_records = {fqn for fqn, _ in measured_experts}
+    hess = hess(doc.get("run"))
     return (lambda module, fqn: Fp8Linear.from_original(module, fqn, spec(fqn),
-                                                        doc["layers"].get(fqn) if fqn in wanted else None),
+                                                        doc["layers"].get(fqn) if fqn in wanted else None,
+                                                        hess(fqn)),
             lambda module, fqn: Fp8Experts.from_original(module, fqn, experts_spec(fqn),
                                                          doc["layers"] if fqn in with_records else None))
+
+
+def _hessians(cfg: QuantConfig, targets: list[tuple[str, nn.Module]], specs: dict):
+    """config `gptq`: a function of the measurement file's run id (None: not read) that checks the Hessian file
+    (every rank reads its own copy; ranks agree on errors) and returns {layer -> its Hessian, or None}."""
+    gptq = [(fqn, m) for fqn, m in targets if specs[fqn].gptq is not None]
+    if not gptq:
+        return lambda run: (lambda fqn: None)
+
+    def load(run: str | None):
+        _, world, group = tp_position(TPLayout.of(m) for _, m in gptq)
+        wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape)[1] for fqn, m in gptq}
+        found = dist.agree(lambda: hessians.read(cfg.dump_stats_path, wanted, run), _group(group, world),
+                           what="QUANTIZE gptq")
+        get_logger().info(f"gptq: rounding the weights of {len(wanted)} layer(s) with the Hessians of {found.path}")
+        return lambda fqn: found.get(fqn) if fqn in wanted else None
+
+    return load
 
 
 def read_measurements(prefix: str, world: int, group) -> tuple[dict, str]:
