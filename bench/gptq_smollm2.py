@@ -100,6 +100,10 @@ def main() -> None:
     p.add_argument("--out", default="out/gptq/tp1.json")
     p.add_argument("--stats", default="out/gptq/stats")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--hessian-windows", type=int, default=4,
+                   help="calibration windows for the Hessians (the first 4 are MEASURE's; more come from after "
+                        "the evaluation windows)")
+    p.add_argument("--damp", type=float, default=None, help="override the gptq rows' damp")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -110,11 +114,16 @@ def main() -> None:
     from ds_quant.prepare import read_measurements
 
     model_dir = smollm2.ensure(args.model)
-    calib, evals = acc.windows(AutoTokenizer.from_pretrained(model_dir), 4, 8)
+    h_calib, evals = acc.windows(AutoTokenizer.from_pretrained(model_dir), max(4, args.hessian_windows), 8)
+    calib = h_calib[:4]
+    if args.damp is not None:
+        for r in ROWS.values():
+            if r is not None:
+                r["damp"] = args.damp
     ref = acc.load(model_dir, 1)
     ppl_hp, top1_hp = acc.score(ref, evals)
     t0 = time.perf_counter()
-    hs = hessians(ref, calib)
+    hs = hessians(ref, h_calib[:args.hessian_windows])
     t_h = time.perf_counter() - t0
     acc.measure(ref, ROOT / "examples/configs/recommended_measure.json", args.stats, calib)
     del ref
@@ -122,7 +131,7 @@ def main() -> None:
     keys = json.loads((ROOT / "examples/configs/recommended_quant.json").read_text())
     keys = {k: v for k, v in keys.items() if k not in ("mode", "dump_stats_path")}
     qcfg = acc.quant_config(keys, args.stats)
-    out = {"bf16_ppl": ppl_hp, "hessian_seconds": t_h, "cpu": acc.cpu_name(), "torch": torch.__version__, "rows": {}}
+    out = {"bf16_ppl": ppl_hp, "hessian_windows": args.hessian_windows, "hessian_seconds": t_h, "cpu": acc.cpu_name(), "torch": torch.__version__, "rows": {}}
     check = ds_quant.modules._check_weights_unchanged
     for row in args.rows:
         model = acc.load(model_dir, 1)
