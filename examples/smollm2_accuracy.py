@@ -54,14 +54,15 @@ DEFAULT_ROWS = ("maxabs_hw+lm_head", "pcs_opt+lm_head", *METHODS, "pcs_opt@in0.5
 def variant(name: str) -> dict:
     """A row's QUANTIZE keys from its name: METHOD (a scale method or an ALIASES key), then modifiers:
     `+lm_head` lm_head in FP8 (else bf16), `@inX` / `@wX` input / weight backoff X, `-PROJ` every PROJ
-    (e.g. k_proj) in bf16 too, `#oK` outlier_channels K, `~sA` smooth_alpha A. E.g. `pcs_opt@in0.125-k_proj`,
-    `pcs_pow2#o8`, `pcs_opt~s0.5#o16`."""
+    (e.g. k_proj) in bf16 too, `#oK` outlier_channels K, `~sA` smooth_alpha A, `^g` gptq (defaults; `^ga` with
+    act_order; the measurement file needs Hessians: a --measure-config with `gptq`). E.g.
+    `pcs_opt@in0.125-k_proj`, `pcs_pow2#o8`, `pcs_opt~s0.5#o16`, `pcs_opt#o16^g`."""
     import re
 
-    mod = r"\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+|#o[0-9]+|~s[0-9.]+"
+    mod = r"\+lm_head|@in[0-9.]+|@w[0-9.]+|-[a-z_]+|#o[0-9]+|~s[0-9.]+|\^ga?"
     m = re.fullmatch(rf"([a-z0-9_]+)((?:{mod})*)", name)
     if m is None:
-        raise SystemExit(f"smollm2_accuracy: row name {name!r}: METHOD[+lm_head][@inX][@wX][-PROJ][#oK][~sA]")
+        raise SystemExit(f"smollm2_accuracy: row name {name!r}: METHOD[+lm_head][@inX][@wX][-PROJ][#oK][~sA][^g|^ga]")
     mods = re.findall(mod, m.group(2))
     blocked = [] if "+lm_head" in mods else ["lm_head"]
     blocked += [rf"\.{x[1:]}$" for x in mods if x.startswith("-")]
@@ -73,6 +74,8 @@ def variant(name: str) -> dict:
             keys["outlier_channels"] = int(x[2:])
         if x.startswith("~s"):
             keys["smooth_alpha"] = float(x[2:])
+        if x.startswith("^g"):
+            keys["gptq"] = {"act_order": x == "^ga"}
     return {**keys, "scale_params": params} if params else keys
 
 
