@@ -106,6 +106,12 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     doc, where = _measurements(cfg, linears)
     records = doc["layers"] if doc else {}
     targets = {n for n, shape in linears.items() if _selected(cfg, n, records.get(n, {}).get("kind"))}
+    hess = None
+    if cfg.gptq is not None:  # GPTQ rounding of the whole weights: the Hessian file beside the measurements
+        from . import hessians
+
+        hess = hessians.read(cfg.dump_stats_path, {n: linears[n][1] for n in targets},
+                             doc.get("run") if doc else None)
     fp8 = fp8_dtype(cfg.fp8_config)
     profile = PROFILES[cfg.device_for_scales]
     schemes, seen = {}, set()
@@ -143,7 +149,8 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                         bar.update()
                         continue
                     w_hp = f.read(key).to(dtype)
-                    layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name))
+                    layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name),
+                                                   None if hess is None else hess.get(name))
                     del w_hp
                     prefix = key[: -len(".weight")]
                     out.write(key, w_fp8)
@@ -170,6 +177,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                   "fp8_config": cfg.fp8_config.value, "act_limit": profile.fp8_max(fp8),
                   "weight_backoff": cfg.weight_backoff, "input_backoff": cfg.input_backoff,
                   "dtype": str(dtype).replace("torch.", ""),
+                  "gptq": None if cfg.gptq is None else vars(cfg.gptq),
                   "scale_methods": {n: cfg.method_for(n).value for n in sorted(schemes)
                                     if cfg.method_for(n) != cfg.scale_method},
                   "measurements": None if doc is None else {"file": str(where), "fingerprint": doc["fingerprint"],
@@ -185,13 +193,19 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     return result
 
 
-def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None):
+def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None,
+                    hessian: torch.Tensor | None = None):
     """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
-    size (its statistics are reduced over the ranks to the whole tensor's)."""
+    size (its statistics are reduced over the ranks to the whole tensor's); with `hessian` (config `gptq`) the
+    weight is rounded by GPTQ on the same scales."""
     recipe = RECIPES[cfg.method_for(name)]
     fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
     _check_unchanged(name, w_hp, record)
     w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
+    if hessian is not None:
+        from .gptq import gptq_round
+
+        w_fp8 = gptq_round(w_hp, hessian, w_scale, fp8, profile.fp8_max(fp8), cfg.gptq, name=name)[0]
     return Fp8Layer(name, tuple(w_hp.shape), w_scale, _input_scale(recipe, cfg, record)), w_fp8
 
 
@@ -301,9 +315,7 @@ def _check_config(cfg: QuantConfig) -> None:
     if cfg.smooth_alpha is not None:
         raise ConfigError(f"{cfg.source}: key 'smooth_alpha': convert writes the model's own weights, unsmoothed; "
                           "drop the key (smoothing applies to in-memory QUANTIZE of a bf16 model)")
-    if cfg.gptq is not None:
-        raise ConfigError(f"{cfg.source}: key 'gptq': convert rounds weights to nearest (GPTQ rounding is not "
-                          "implemented there); drop the key, or quantize the bf16 model in memory")
+
 
 
 def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):

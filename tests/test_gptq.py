@@ -182,13 +182,6 @@ def test_the_gptq_key_takes_an_object_and_refuses_typos_and_bad_values():
         QuantConfig.from_dict({**base, "gptq": {}, "smooth_alpha": 0.5}, source="q.json")
 
 
-def test_convert_refuses_gptq_naming_the_key():
-    from ds_quant.convert import _check_config
-
-    with pytest.raises(ConfigError, match=r"q\.json: key 'gptq': convert rounds weights to nearest"):
-        _check_config(QuantConfig.from_dict({"method": "HOOKS", "gptq": {}}, source="q.json"))
-
-
 # -- MEASURE and QUANTIZE in one process -----------------------------------------------------------------------
 CALIB = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(7))  # as tests/scripts/gptq_tp.py
 QUANT = {"method": "HOOKS", "scale_method": "act_maxabs_hw_weights_pcs_opt_pow2", "outlier_channels": 4}
@@ -376,3 +369,35 @@ def test_tp2_measures_the_hessians_tp1_does_and_quantizes_bitwise_the_same_weigh
         ref = tp1(evals).logits.float()
     for r in ranks:
         assert float(sqnr_db(ref, r["logits"])) >= 20
+
+
+def test_convert_with_gptq_writes_the_weights_in_memory_quantize_rounds(measured, tmp_path):
+    """`ds-quant convert` (offline, whole weights) with `gptq`: every FP8 weight and scale in the folder is bitwise
+    the in-memory QUANTIZE's at TP=1 (outlier_channels 0: convert has no place for bf16 columns), the folder says
+    it was GPTQ-rounded, and it loads (with the same config less `gptq`: its weights are already rounded) to the
+    same logits."""
+    from safetensors.torch import load_file
+
+    from ds_quant.convert import convert
+    from tests.test_checkpoint import from_folder
+
+    path, prefix = measured
+    quant = {**QUANT, "outlier_channels": 0, "dump_stats_path": prefix, "gptq": {"act_order": True}}
+    out = convert(path, tmp_path / "fp8", quant, progress=False)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ds_quant"]["gptq"] == \
+        {"damp": 0.01, "block": 128, "act_order": True}
+    model = ds_quant.prep_model(plain(path), quant)
+    rtn = dict(ds_quant.prep_model(plain(path), {**quant, "gptq": None}).named_modules())
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Fp8Linear):
+            assert torch.equal(tensors[f"{name}.weight"].view(torch.uint8), m.weight.view(torch.uint8)), name
+            assert torch.equal(tensors[f"{name}.weight_scale"].reshape(-1), m.weight_scale.reshape(-1)), name
+            assert not torch.equal(rtn[name].weight.view(torch.uint8), m.weight.view(torch.uint8)), name
+            n += 1
+    assert n == 29
+    loaded = from_folder(out, {k: v for k, v in quant.items() if k != "gptq"})
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -99,6 +99,10 @@ def test_row_names_become_configs():
     assert acc.variant("pcs_opt~s0.5#o16") == {
         "scale_method": "act_maxabs_hw_weights_pcs_opt_pow2", "blocklist": {"types": [], "names": ["lm_head"]},
         "smooth_alpha": 0.5, "outlier_channels": 16}
+    assert acc.variant("pcs_opt#o16^ga") == {
+        "scale_method": "act_maxabs_hw_weights_pcs_opt_pow2", "blocklist": {"types": [], "names": ["lm_head"]},
+        "outlier_channels": 16, "gptq": {"act_order": True}}
+    assert acc.variant("pcs_opt^g")["gptq"] == {"act_order": False}
     with pytest.raises(SystemExit, match="row name"):
         acc.variant("pcs_opt@in")
 
