@@ -5,8 +5,8 @@
 The setup of examples/smollm2_accuracy.py (calibration windows 0-3, evaluation windows 4-11 of 256 tokens of
 pydoc text, bf16 reference logits of the same process): MEASURE with recommended_measure.json; Hessians
 H = Σ xᵀx of every linear's input (forward pre-hooks on the plain model, the same calibration windows); then
-each row loads a fresh bf16 model and QUANTIZEs it with recommended_quant.json (pcs_opt, 16 outlier channels,
-lm_head bf16). The gptq rows first replace each linear's bf16 weight by its GPTQ-rounded one, snapped to the FP8
+each row loads a fresh bf16 model and QUANTIZEs it with recommended_quant.json less its `gptq` key (pcs_opt, 16
+outlier channels, lm_head bf16): the rtn row. The gptq rows first replace each linear's bf16 weight by its GPTQ-rounded one, snapped to the FP8
 grid QUANTIZE uses (per-channel pow2 scale from the weight without its outlier columns; the outlier columns
 stay bf16 and absorb the rest of the error), so QUANTIZE's own per-channel rounding reproduces it: the script
 counts the elements where it did not. QUANTIZE's "weights changed since MEASURE" check is switched off for
@@ -129,7 +129,8 @@ def main() -> None:
     del ref
     doc, _ = read_measurements(args.stats, 1, dist.LOCAL)
     keys = json.loads((ROOT / "examples/configs/recommended_quant.json").read_text())
-    keys = {k: v for k, v in keys.items() if k not in ("mode", "dump_stats_path")}
+    # the RTN baseline: the recommended config without its own `gptq` (the gptq rows here apply theirs by snapping)
+    keys = {k: v for k, v in keys.items() if k not in ("mode", "dump_stats_path", "gptq")}
     qcfg = acc.quant_config(keys, args.stats)
     out = {"bf16_ppl": ppl_hp, "hessian_windows": args.hessian_windows, "hessian_seconds": t_h, "cpu": acc.cpu_name(), "torch": torch.__version__, "rows": {}}
     check = ds_quant.modules._check_weights_unchanged
