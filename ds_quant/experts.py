@@ -26,6 +26,7 @@ from . import ops
 from .config import MeasureExclude
 from .layer_spec import LayerSpec, require_spec
 from .log import get_logger
+from .measurements import linear_record
 from .observers import MaxAbsObserver
 from .scales import Act, quantize_weight
 
@@ -117,9 +118,8 @@ class MeasuredExperts(_TwinExperts):
         out = {}
         for (proj, e), obs in self.observers.items():
             w = getattr(self, proj)[e]
-            out[record_name(self.name, proj, e)] = {"kind": "plain", "in_features": w.shape[1],
-                                                    "out_features": w.shape[0], "local_in_features": w.shape[1],
-                                                    "partition_sizes": [], **obs.stats(w)}
+            out[record_name(self.name, proj, e)] = linear_record("plain", w.shape[1], w.shape[0], obs.stats(w),
+                                                                 local_in_features=w.shape[1], partition_sizes=[])
         return out
 
     def wanted_shapes(self) -> dict[str, tuple[int, int]]:

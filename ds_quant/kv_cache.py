@@ -35,6 +35,7 @@ import torch
 from . import layer_spec
 from .config import KV_CACHE_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
+from .measurements import kv_record
 from .scales import Act, amax_to_scale, to_fp8_saturated
 
 KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
@@ -245,8 +246,7 @@ def records(model) -> dict[str, dict]:
         s = plan.stats.get(idx)
         if s is None or s.key is None:
             continue
-        out[name] = {"kind": "kv", "layer_idx": idx, "model_heads": plan.model_heads, "heads": int(s.key.numel()),
-                     "key_head_amax": s.key.tolist(), "value_head_amax": s.value.tolist(), "samples": s.tokens}
+        out[name] = kv_record(idx, plan.model_heads, s.key.tolist(), s.value.tolist(), s.tokens)
     return out
 
 
