@@ -7,6 +7,9 @@
 // holds (value * scale) rounded once, as torch does), and on AVX-512 16 bytes at a time are widened to fp16 bits by
 // shifts (E4M3 -> fp16 is exact, value / 2^8; E5M2 is the upper byte of fp16), to float, scaled, and rounded to
 // bf16 (round to nearest even) in registers. NaN encodings are never produced by ds_quant's saturating casts.
+//
+//   ds_quant_kv::decode_attention(q, k_fp8, k_scale, v_fp8, v_scale, mask, scaling): one decode step of attention
+//   (one query token) reading the FP8 cache directly, never de-quantizing it into a bf16 copy; see below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -15,8 +18,11 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -123,8 +129,140 @@ at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_
 
 }  // namespace
 
-TORCH_LIBRARY(ds_quant_kv, m) {
-  m.def("dequantize(Tensor x_fp8, float scale, ScalarType out_dtype, Tensor? out=None) -> Tensor");
+
+// ---- decode attention on the FP8 cache ------------------------------------------------------------------------
+// out[b, h] = sum_t softmax_t(scaling * q[b, h] . k[b, g, t] + mask[b, t]) * v[b, g, t], g = h / (Hq / Hkv) (GQA),
+// with k = k_fp8 * k_scale and v = v_fp8 * v_scale in float32 (exact: an FP8 value times a float32 scale, rounded
+// once), products and sums in float32, the softmax in float32 (max subtracted). What sdpa computes on the
+// de-quantized cache, without the bf16 copy of it (the reference rounds k and v to bf16 first: the two differ by
+// that rounding). Each K and V row (D bytes) is read once per step for all the query heads that share it.
+//
+// q: (B, Hq, 1, D), k_fp8 / v_fp8: (B, Hkv, S, D) with contiguous rows of D (a view of the cache's growing buffer:
+// any stride over heads and batch), mask: None, bool (Bm, 1, 1, S) (true = attend) or float (Bm, 1, 1, S) added to
+// the scores, Bm in {1, B}. Returns (B, 1, Hq, D) in q's dtype: the layout transformers' attention functions return.
+namespace {
+
+// One row of D FP8 bytes -> D floats (value / post: E4M3 widens to value / 2^8, exact).
+inline void widen_row(const uint8_t* src, float* dst, int64_t D, bool e4m3, const float* tab) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16) {
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
+    __m256i h = e4m3 ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7))
+                     : _mm256_slli_epi16(b, 8);
+    _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(h));
+  }
+#endif
+  for (; d < D; ++d) dst[d] = tab[src[d]];
 }
 
-TORCH_LIBRARY_IMPL(ds_quant_kv, CPU, m) { m.impl("dequantize", &dequantize); }
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512 vw = _mm512_set1_ps(w);
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(y + d, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
+#endif
+  for (; d < D; ++d) y[d] += w * x[d];
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_scale, const at::Tensor& v8,
+                            double v_scale, const std::optional<at::Tensor>& mask_in, double scaling) {
+  TORCH_CHECK(q.device().is_cpu() && k8.device().is_cpu() && v8.device().is_cpu(), "decode_attention: CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k8.dim() == 4 && v8.sizes() == k8.sizes(),
+              "decode_attention: q (B, Hq, 1, D), k and v (B, Hkv, S, D), got ", q.sizes(), ", ", k8.sizes(), ", ",
+              v8.sizes());
+  const bool e4m3 = k8.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK((e4m3 || k8.scalar_type() == at::kFloat8_e5m2) && v8.scalar_type() == k8.scalar_type(),
+              "decode_attention: k and v must be the same FP8 dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k8.size(1), S = k8.size(2);
+  TORCH_CHECK(k8.size(0) == B && k8.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "decode_attention: shapes ",
+              q.sizes(), " and ", k8.sizes(), " do not fit (B, D equal; Hq a multiple of Hkv)");
+  for (const auto* t : {&k8, &v8})
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, "decode_attention: k and v need contiguous rows of D");
+  at::Tensor mask;
+  bool mask_bool = false;
+  if (mask_in.has_value() && mask_in->defined()) {
+    mask = *mask_in;
+    TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == 1 &&
+                mask.size(2) == 1 && mask.size(3) == S, "decode_attention: mask (1 or B, 1, 1, S), got ", mask.sizes());
+    mask_bool = mask.scalar_type() == at::kBool;
+    mask = mask_bool ? mask.contiguous() : mask.to(at::kFloat).contiguous();
+  }
+  const float post = e4m3 ? 256.f : 1.f;  // the widened rows hold value / post
+  at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, 1, Hq, D}, q.options().dtype(at::kFloat));
+  const int64_t rep = Hq / Hkv;
+  float tab[256];
+  for (int i = 0; i < 256; ++i) tab[i] = scaled(static_cast<uint8_t>(i), e4m3, 1.f);
+  const auto* kb = reinterpret_cast<const uint8_t*>(k8.data_ptr());
+  const auto* vb = reinterpret_cast<const uint8_t*>(v8.data_ptr());
+  const float qmul = static_cast<float>(scaling) * static_cast<float>(k_scale) * post;
+  const float vmul = static_cast<float>(v_scale) * post;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> row(D), qs(rep * D), scores(rep * S), acc(rep * D);
+    for (int64_t bg = a; bg < b; ++bg) {
+      const int64_t bi = bg / Hkv, g = bg % Hkv;
+      for (int64_t r = 0; r < rep; ++r)
+        for (int64_t d = 0; d < D; ++d) qs[r * D + d] = qf.data_ptr<float>()[(bi * Hq + g * rep + r) * D + d] * qmul;
+      const uint8_t* krow = kb + bi * k8.stride(0) + g * k8.stride(1);
+      const uint8_t* vrow = vb + bi * v8.stride(0) + g * v8.stride(1);
+      const bool* mb = mask.defined() && mask_bool ? mask.data_ptr<bool>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
+      const float* mf = mask.defined() && !mask_bool ? mask.data_ptr<float>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
+      // scores, every query head of the group from one read of each key row
+      for (int64_t t = 0; t < S; ++t) {
+        widen_row(krow + t * D, row.data(), D, e4m3, tab);
+        const bool off = mb != nullptr && !mb[t];
+        for (int64_t r = 0; r < rep; ++r)
+          scores[r * S + t] = off ? -std::numeric_limits<float>::infinity()
+                                  : dot(qs.data() + r * D, row.data(), D) + (mf != nullptr ? mf[t] : 0.f);
+      }
+      // softmax per head (a head whose every key is masked gets zeros, not NaN)
+      for (int64_t r = 0; r < rep; ++r) {
+        float* sc = scores.data() + r * S;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < S; ++t) m = std::max(m, sc[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < S; ++t) {
+          sc[t] = std::isinf(m) && m < 0 ? 0.f : std::exp(sc[t] - m);
+          sum += sc[t];
+        }
+        const float inv = sum > 0.f ? vmul / sum : 0.f;
+        for (int64_t t = 0; t < S; ++t) sc[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < S; ++t) {
+        widen_row(vrow + t * D, row.data(), D, e4m3, tab);
+        for (int64_t r = 0; r < rep; ++r) axpy(scores[r * S + t], row.data(), acc.data() + r * D, D);
+      }
+      float* o = out.data_ptr<float>() + bi * Hq * D;
+      for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ds_quant_kv, m) {
+  m.def("dequantize(Tensor x_fp8, float scale, ScalarType out_dtype, Tensor? out=None) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_fp8, float k_scale, Tensor v_fp8, float v_scale, Tensor? mask, "
+        "float scaling) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ds_quant_kv, CPU, m) {
+  m.impl("dequantize", &dequantize);
+  m.impl("decode_attention", &decode_attention);
+}
