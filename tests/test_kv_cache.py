@@ -220,11 +220,13 @@ def attention_reference(q, k8, ks, v8, vs, mask, scaling):
 
 @pytest.mark.parametrize("b, hq, hkv, s, d, fp8", [
     (1, 16, 8, 300, 64, torch.float8_e4m3fn), (2, 8, 2, 37, 128, torch.float8_e4m3fn),
-    (1, 4, 4, 5, 48, torch.float8_e5m2), (3, 6, 3, 17, 20, torch.float8_e4m3fn), (1, 2, 1, 1, 16, torch.float8_e4m3fn)])
+    (1, 4, 4, 5, 48, torch.float8_e5m2), (3, 6, 3, 17, 20, torch.float8_e4m3fn), (1, 2, 1, 1, 16, torch.float8_e4m3fn),
+    (1, 3, 1, 70, 64, torch.float8_e5m2), (2, 12, 4, 129, 128, torch.float8_e4m3fn)])
 def test_decode_attention_kernel_matches_float64(b, hq, hkv, s, d, fp8):
-    """GQA, head dims that are not multiples of 16 (the scalar tail), E5M2, a single key, masks none / bool per
-    batch row / additive, on views of a buffer with room for more tokens (the cache's layout). Bound: 45 dB, below
-    the ~55 dB of rounding the bf16 output alone; a fully masked row gives zeros (not NaN)."""
+    """GQA, head dims 64 / 128 (the blocked AVX-512 path, with lengths that leave partial 64-row blocks and partial
+    groups of 4) and others (the generic path, scalar tails), E5M2, a single key, masks none / bool per batch row /
+    additive, on views of a buffer with room for more tokens (the cache's layout). Bound: 45 dB, below the ~55 dB
+    of rounding the bf16 output alone; a fully masked row gives zeros (not NaN)."""
     if not kv_cache.cpu_kernel():
         pytest.skip("no C++ compiler: the KV-cache kernel is not built")
     g = torch.Generator().manual_seed(0)

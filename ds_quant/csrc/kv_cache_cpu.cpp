@@ -178,6 +178,113 @@ inline void axpy(float w, const float* x, float* y, int64_t D) {
   for (; d < D; ++d) y[d] += w * x[d];
 }
 
+#if defined(__AVX512F__)
+// exp on 16 floats: 2^n * p(f), n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), p of degree 6 (relative error
+// ~2e-7); x below -87 gives 0 (masked scores are -inf).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+  __m512 y = _mm512_set1_ps(1.38888889e-3f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.33333333e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(4.16666667e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.66666667e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  y = _mm512_scalef_ps(y, n);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), y);
+}
+
+// Four horizontal sums at once: (sum z0, sum z1, sum z2, sum z3).
+inline __m128 reduce4(__m512 z0, __m512 z1, __m512 z2, __m512 z3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(z0, z1), _mm512_unpackhi_ps(z0, z1));  // z0 z1 pairs
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(z2, z3), _mm512_unpackhi_ps(z2, z3));
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));  // z0 z1 z2 z3
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+// One (batch row, KV head) of decode attention for head dims of DC x 16: key and value rows widened a block at a
+// time into an L1-resident buffer, then every query head of the group runs over the block with its query (scores)
+// or its accumulator (output) in registers. scores: rep x S (in: nothing; out: softmax weights), acc: rep x D.
+constexpr int64_t kRows = 64;
+
+template <int DC>
+void group_attention_avx512(const uint8_t* krow, const uint8_t* vrow, int64_t S, const float* qs, int64_t rep,
+                            const bool* mb, const float* mf, bool e4m3, const float* tab, float vmul, float* scores,
+                            float* acc, float* buf) {
+  constexpr int64_t D = DC * 16;
+  for (int64_t t0 = 0; t0 < S; t0 += kRows) {
+    const int64_t n = std::min(kRows, S - t0);
+    for (int64_t t = 0; t < n; ++t) widen_row(krow + (t0 + t) * D, buf + t * D, D, e4m3, tab);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 qv[DC];
+      for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(qs + r * D + c * 16);
+      float* sc = scores + r * S + t0;
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        __m512 z[4];
+        for (int j = 0; j < 4; ++j) {
+          z[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(buf + (t + j) * D));
+          for (int c = 1; c < DC; ++c) z[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(buf + (t + j) * D + c * 16), z[j]);
+        }
+        _mm_storeu_ps(sc + t, reduce4(z[0], z[1], z[2], z[3]));
+      }
+      for (; t < n; ++t) sc[t] = dot(qs + r * D, buf + t * D, D);
+    }
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rep; ++r) {
+    float* sc = scores + r * S;
+    if (mf != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] += mf[t];
+    if (mb != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] = mb[t] ? sc[t] : ninf;
+    // softmax: max, exp(x - max) 16 at a time, normalised (a head whose every key is masked gets zeros, not NaN)
+    __m512 vm = _mm512_set1_ps(ninf);
+    int64_t t = 0;
+    for (; t + 16 <= S; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sc + t));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; t < S; ++t) m = std::max(m, sc[t]);
+    if (std::isinf(m) && m < 0) {
+      std::fill(sc, sc + S, 0.f);
+      continue;
+    }
+    const __m512 vmax = _mm512_set1_ps(m);
+    __m512 vs = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= S; t += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmax));
+      _mm512_storeu_ps(sc + t, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    float sum = _mm512_reduce_add_ps(vs);
+    for (; t < S; ++t) {
+      sc[t] = std::exp(sc[t] - m);
+      sum += sc[t];
+    }
+    const float inv = vmul / sum;
+    for (t = 0; t < S; ++t) sc[t] *= inv;
+  }
+  for (int64_t r = 0; r < rep * D; ++r) acc[r] = 0.f;
+  for (int64_t t0 = 0; t0 < S; t0 += kRows) {
+    const int64_t n = std::min(kRows, S - t0);
+    for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, buf + t * D, D, e4m3, tab);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 av[DC];
+      for (int c = 0; c < DC; ++c) av[c] = _mm512_loadu_ps(acc + r * D + c * 16);
+      const float* p = scores + r * S + t0;
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 w = _mm512_set1_ps(p[t]);
+        for (int c = 0; c < DC; ++c) av[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(buf + t * D + c * 16), av[c]);
+      }
+      for (int c = 0; c < DC; ++c) _mm512_storeu_ps(acc + r * D + c * 16, av[c]);
+    }
+  }
+}
+#endif
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_scale, const at::Tensor& v8,
                             double v_scale, const std::optional<at::Tensor>& mask_in, double scaling) {
   TORCH_CHECK(q.device().is_cpu() && k8.device().is_cpu() && v8.device().is_cpu(), "decode_attention: CPU tensors");
@@ -213,6 +320,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
   const float vmul = static_cast<float>(v_scale) * post;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t b) {
     std::vector<float> row(D), qs(rep * D), scores(rep * S), acc(rep * D);
+#if defined(__AVX512F__)
+    std::vector<float> buf(kRows * D);
+#endif
     for (int64_t bg = a; bg < b; ++bg) {
       const int64_t bi = bg / Hkv, g = bg % Hkv;
       for (int64_t r = 0; r < rep; ++r)
@@ -221,6 +331,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
       const uint8_t* vrow = vb + bi * v8.stride(0) + g * v8.stride(1);
       const bool* mb = mask.defined() && mask_bool ? mask.data_ptr<bool>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
       const float* mf = mask.defined() && !mask_bool ? mask.data_ptr<float>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
+      float* o = out.data_ptr<float>() + bi * Hq * D;
+#if defined(__AVX512F__)
+      if (D == 64 || D == 128) {  // the common head dims: blocked, registers (see group_attention_avx512)
+        if (D == 64) group_attention_avx512<4>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
+                                                acc.data(), buf.data());
+        else group_attention_avx512<8>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
+                                       acc.data(), buf.data());
+        for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
+        continue;
+      }
+#endif
       // scores, every query head of the group from one read of each key row
       for (int64_t t = 0; t < S; ++t) {
         widen_row(krow + t * D, row.data(), D, e4m3, tab);
@@ -247,7 +368,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
         widen_row(vrow + t * D, row.data(), D, e4m3, tab);
         for (int64_t r = 0; r < rep; ++r) axpy(scores[r * S + t], row.data(), acc.data() + r * D, D);
       }
-      float* o = out.data_ptr<float>() + bi * Hq * D;
       for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
     }
   });
