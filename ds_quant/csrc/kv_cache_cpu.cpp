@@ -23,7 +23,7 @@
 #include <limits>
 #include <optional>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -153,6 +153,14 @@ inline void widen_row(const uint8_t* src, float* dst, int64_t D, bool e4m3, cons
                      : _mm256_slli_epi16(b, 8);
     _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(h));
   }
+#elif defined(__AVX2__) && defined(__F16C__)
+  for (; d + 8 <= D; d += 8) {  // 8 bytes -> 8 fp16 bits by shifts (as above) -> 8 floats (F16C)
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
+    __m128i h = e4m3 ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                    _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7))
+                     : _mm_slli_epi16(b, 8);
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
+  }
 #endif
   for (; d < D; ++d) dst[d] = tab[src[d]];
 }
@@ -169,13 +177,28 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-inline void axpy(float w, const float* x, float* y, int64_t D) {
-  int64_t d = 0;
-#if defined(__AVX512F__)
-  const __m512 vw = _mm512_set1_ps(w);
-  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(y + d, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
-#endif
-  for (; d < D; ++d) y[d] += w * x[d];
+constexpr int64_t kBlock = 64;  // key / value rows widened at a time: 64 x 128 floats = 32 KB, L1-sized
+
+// exp(x) for x <= 0 (a score minus the row's max): 2^n * p(f) as exp16 below, in plain arithmetic the compiler
+// vectorises (no call, no errno); below -80 it gives 0 (e^-80 ~ 2e-35 against a sum >= 1; masked scores are -inf).
+inline float exp_poly(float x) {
+  const float xc = x < -80.f ? -80.f : x;
+  const float n = std::nearbyint(xc * 1.44269504f);
+  float f = xc - n * 0.693145752f;
+  f = f - n * 1.42860677e-6f;
+  float y = 1.38888889e-3f;
+  y = y * f + 8.33333333e-3f;
+  y = y * f + 4.16666667e-2f;
+  y = y * f + 1.66666667e-1f;
+  y = y * f + 0.5f;
+  y = y * f + 1.f;
+  y = y * f + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &y, 4);
+  bits += static_cast<int32_t>(n) << 23;  // y * 2^n: n in [-126, 0], y in [0.7, 1.5): stays normal
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return x < -80.f ? 0.f : out;
 }
 
 #if defined(__AVX512F__)
@@ -211,7 +234,7 @@ inline __m128 reduce4(__m512 z0, __m512 z1, __m512 z2, __m512 z3) {
 // One (batch row, KV head) of decode attention for head dims of DC x 16: key and value rows widened a block at a
 // time into an L1-resident buffer, then every query head of the group runs over the block with its query (scores)
 // or its accumulator (output) in registers. scores: rep x S (in: nothing; out: softmax weights), acc: rep x D.
-constexpr int64_t kRows = 64;
+constexpr int64_t kRows = kBlock;
 
 template <int DC>
 void group_attention_avx512(const uint8_t* krow, const uint8_t* vrow, int64_t S, const float* qs, int64_t rep,
@@ -319,10 +342,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
   const float qmul = static_cast<float>(scaling) * static_cast<float>(k_scale) * post;
   const float vmul = static_cast<float>(v_scale) * post;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> row(D), qs(rep * D), scores(rep * S), acc(rep * D);
-#if defined(__AVX512F__)
-    std::vector<float> buf(kRows * D);
-#endif
+    std::vector<float> qs(rep * D), scores(rep * S), acc(rep * D), blk(kBlock * D), row(D);
     for (int64_t bg = a; bg < b; ++bg) {
       const int64_t bi = bg / Hkv, g = bg % Hkv;
       for (int64_t r = 0; r < rep; ++r)
@@ -335,38 +355,61 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
 #if defined(__AVX512F__)
       if (D == 64 || D == 128) {  // the common head dims: blocked, registers (see group_attention_avx512)
         if (D == 64) group_attention_avx512<4>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
-                                                acc.data(), buf.data());
+                                                acc.data(), blk.data());
         else group_attention_avx512<8>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
-                                       acc.data(), buf.data());
+                                       acc.data(), blk.data());
         for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
         continue;
       }
 #endif
-      // scores, every query head of the group from one read of each key row
-      for (int64_t t = 0; t < S; ++t) {
-        widen_row(krow + t * D, row.data(), D, e4m3, tab);
-        const bool off = mb != nullptr && !mb[t];
-        for (int64_t r = 0; r < rep; ++r)
-          scores[r * S + t] = off ? -std::numeric_limits<float>::infinity()
-                                  : dot(qs.data() + r * D, row.data(), D) + (mf != nullptr ? mf[t] : 0.f);
-      }
-      // softmax per head (a head whose every key is masked gets zeros, not NaN)
-      for (int64_t r = 0; r < rep; ++r) {
-        float* sc = scores.data() + r * S;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < S; ++t) m = std::max(m, sc[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < S; ++t) {
-          sc[t] = std::isinf(m) && m < 0 ? 0.f : std::exp(sc[t] - m);
-          sum += sc[t];
+      // Every other build and head dim: the same blocks, in loops the compiler vectorises for the ISA it builds
+      // for (AVX2 + FMA, NEON, ...): keys widened transposed (a block's D x kRows), so each score is an axpy over
+      // the block's tokens rather than a reduction over d.
+      for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+        const int64_t n = std::min(kBlock, S - t0);
+        for (int64_t t = 0; t < n; ++t) {
+          widen_row(krow + (t0 + t) * D, row.data(), D, e4m3, tab);
+          for (int64_t d = 0; d < D; ++d) blk[d * kBlock + t] = row[d];
         }
-        const float inv = sum > 0.f ? vmul / sum : 0.f;
+        for (int64_t r = 0; r < rep; ++r) {
+          float* __restrict sc = scores.data() + r * S + t0;
+          for (int64_t t = 0; t < n; ++t) sc[t] = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qs[r * D + d];
+            const float* __restrict col = blk.data() + d * kBlock;
+            for (int64_t t = 0; t < n; ++t) sc[t] += qd * col[t];
+          }
+        }
+      }
+      const float ninf = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < rep; ++r) {
+        float* __restrict sc = scores.data() + r * S;
+        if (mf != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] += mf[t];
+        if (mb != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] = mb[t] ? sc[t] : ninf;
+        float m = ninf;
+        for (int64_t t = 0; t < S; ++t) m = std::max(m, sc[t]);
+        if (std::isinf(m) && m < 0) {  // every key masked: zeros, not NaN
+          std::fill(sc, sc + S, 0.f);
+          continue;
+        }
+        for (int64_t t = 0; t < S; ++t) sc[t] = exp_poly(sc[t] - m);
+        float sum = 0.f;
+        for (int64_t t = 0; t < S; ++t) sum += sc[t];
+        const float inv = vmul / sum;
         for (int64_t t = 0; t < S; ++t) sc[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < S; ++t) {
-        widen_row(vrow + t * D, row.data(), D, e4m3, tab);
-        for (int64_t r = 0; r < rep; ++r) axpy(scores[r * S + t], row.data(), acc.data() + r * D, D);
+      for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+        const int64_t n = std::min(kBlock, S - t0);
+        for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, blk.data() + t * D, D, e4m3, tab);
+        for (int64_t r = 0; r < rep; ++r) {
+          float* __restrict a = acc.data() + r * D;
+          for (int64_t t = 0; t < n; ++t) {
+            const float w = scores[r * S + t0 + t];
+            const float* __restrict v = blk.data() + t * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
+          }
+        }
       }
       for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
     }
