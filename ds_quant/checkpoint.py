@@ -477,7 +477,12 @@ class Fp8Folder(SafetensorsFolder):
 
     def _find_layers(self) -> dict[str, Fp8Layer]:
         layers = {}
-        for key in self.meta:
+        for key, (dtype, _) in self.meta.items():
+            if key.endswith(".weight") and dtype.startswith("F8") and f"{key[:-len('weight')]}weight_scale" not in \
+                    self.meta:
+                raise CheckpointError(f"{self._file_of(key)}: tensor '{key}' is {dtype} but the checkpoint has no "
+                                      f"'{key[:-len('weight')]}weight_scale'; the checkpoint is corrupt or truncated: "
+                                      "convert again")
             if not key.endswith(".weight_scale"):
                 continue
             name = key[: -len(".weight_scale")]

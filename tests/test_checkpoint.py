@@ -24,6 +24,7 @@ from ds_quant import load as fp8_load
 from ds_quant.checkpoint import CheckpointError, Fp8Folder
 from ds_quant.config import ConfigError, QuantConfig
 from ds_quant.convert import convert
+from ds_quant.experts import Fp8Experts
 from ds_quant.modules import Fp8Linear
 from ds_quant.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
@@ -63,19 +64,46 @@ def build_neox(out: Path) -> Path:
     return out
 
 
+MOE = {  # transformers 5 holds their experts fused (3-D); save_pretrained writes them per expert (2-D linears)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen3_moe": dict(moe_intermediate_size=128, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+}
+
+
+def build_moe(out: Path, arch: str) -> Path:
+    """A tiny random MoE model (2 layers, 4 experts, top-2), saved by save_pretrained: per-expert `w1`/`w3`/`w2`
+    (Mixtral, under `block_sparse_moe.`) or `gate_proj`/`up_proj`/`down_proj` (Qwen3-MoE) linears on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    c = AutoConfig.for_model(arch, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MOE[arch])
+    AutoModelForCausalLM.from_config(c).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """Two models, measured once, and FP8 folders for three configs."""
+    """Four models (two MoE), measured once, and FP8 folders for six configs."""
     w = tmp_path_factory.mktemp("ckpt")
     llama, neox = build_tiny_llama(w / "llama"), build_neox(w / "neox")
-    measure(llama, w / "meas_llama" / "m")
-    measure(neox, w / "meas_neox" / "m")
+    mixtral, qwen_moe = build_moe(w / "mixtral", "mixtral"), build_moe(w / "qwen3_moe", "qwen3_moe")
+    for name, src in (("llama", llama), ("neox", neox), ("mixtral", mixtral), ("qwen3_moe", qwen_moe)):
+        measure(src, w / f"meas_{name}" / "m")
     cases = {
         "llama_hw": (llama, cfg("QUANTIZE", w / "meas_llama" / "m")),
         "llama_pcs": (llama, cfg("QUANTIZE", w / "meas_llama" / "m",
                                  scale_method="act_maxabs_hw_weights_pcs_maxabs_pow2",
                                  scale_method_overrides={"lm_head": "act_dynamic_per_token_weights_pcs"})),
         "neox_block_head": (neox, cfg("QUANTIZE", w / "meas_neox" / "m", blocklist={"names": ["lm_head"]})),
+        "mixtral_hw": (mixtral, cfg("QUANTIZE", w / "meas_mixtral" / "m")),
+        # per expert and channel, a dynamic lm_head (two config groups), the layer-1 experts left in bf16
+        "qwen3_moe_pcs": (qwen_moe, cfg("QUANTIZE", w / "meas_qwen3_moe" / "m",
+                                        scale_method="act_maxabs_hw_weights_pcs_maxabs_pow2",
+                                        scale_method_overrides={"lm_head": "act_dynamic_per_token_weights_pcs"},
+                                        blocklist={"names": [r"layers\.1\.mlp\.experts$"]})),
     }
     for name, (src, c) in cases.items():
         convert(src, w / f"fp8_{name}", c, progress=False)
@@ -137,6 +165,51 @@ def test_convert_writes_compressed_tensors_float_quantized(work):
     # a blocked layer stays bf16 and is `ignore`d
     qc = json.loads((w / "fp8_neox_block_head" / "config.json").read_text())["quantization_config"]
     assert qc["ignore"] == ["lm_head"] and Fp8Folder(w / "fp8_neox_block_head").meta["embed_out.weight"][0] == "BF16"
+
+
+def test_convert_writes_fused_experts_as_per_expert_fp8_linears(work):
+    """The layout the ecosystem reads (llm-compressor writes it, vLLM and HF + compressed-tensors load it, and
+    transformers 5 saves bf16 experts so): per expert e, `experts.{e}.w1/w3/w2` (Mixtral) with `weight` (FP8),
+    `weight_scale`, `input_scale`. Gate and up carry their fused slice's scale (the same one: in-memory QUANTIZE
+    scales the fused [gate; up] slice); the router stays bf16 and is `ignore`d."""
+    from ds_quant.experts import expert_input_scales, quantize_expert, record_name
+    from ds_quant.layer_spec import resolve
+
+    w, cases = work
+    src, config = cases["mixtral_hw"]
+    f = Fp8Folder(w / "fp8_mixtral_hw")
+    block = "model.layers.1.block_sparse_moe"  # the file's own naming (transformers 4.x), kept
+    assert f.meta[f"{block}.experts.2.w1.weight"] == ("F8_E4M3", (256, 128))
+    assert f.meta[f"{block}.experts.2.w2.weight"] == ("F8_E4M3", (128, 256))
+    assert f.meta[f"{block}.gate.weight"][0] == "BF16" and not f.has(f"{block}.gate.weight_scale")
+    assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in f.meta)
+    qc = json.loads((w / "fp8_mixtral_hw" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+    assert qc["ignore"] == [f"model.layers.{i}.block_sparse_moe.gate" for i in (0, 1)]
+    # the numbers: what in-memory QUANTIZE computes for expert 2 of layer 1 (experts.quantize_expert)
+    from safetensors.torch import load_file
+
+    bf16 = load_file(src / "model.safetensors")
+    spec = resolve(ds_quant.config.resolve_config(config), "model.layers.1.mlp.experts", "experts")
+    fused = torch.cat([bf16[f"{block}.experts.2.w1.weight"], bf16[f"{block}.experts.2.w3.weight"]])
+    w_fp8, scale = quantize_expert(fused, spec)
+    assert _same(f.read(f"{block}.experts.2.w1.weight"), w_fp8[:256])
+    assert _same(f.read(f"{block}.experts.2.w3.weight"), w_fp8[256:])
+    assert f.layers[f"{block}.experts.2.w1"].weight_scale == scale
+    assert f.layers[f"{block}.experts.2.w3"].weight_scale == scale
+    layers = ds_quant.measurements.read_local(config["dump_stats_path"])[0]["layers"]
+    assert layers[record_name("model.layers.1.mlp.experts", "gate_up_proj", 2)]["samples"] > 0
+    ins = expert_input_scales("model.layers.1.mlp.experts", "gate_up_proj", 4, spec, layers)
+    assert f.layers[f"{block}.experts.2.w1"].input_scale == ins[2] == f.layers[f"{block}.experts.2.w3"].input_scale
+    # per channel, a dynamic lm_head, blocked experts: the groups name their per-expert linears, not the blocked
+    # experts' nor the routers
+    qc = json.loads((w / "fp8_qwen3_moe_pcs" / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert "model.layers.0.mlp.experts.3.up_proj" in targets and "lm_head" in targets
+    assert not any(t.startswith("model.layers.1.mlp.experts.") or t.endswith("mlp.gate") for t in targets)
+    f = Fp8Folder(w / "fp8_qwen3_moe_pcs")
+    assert f.shape("model.layers.0.mlp.experts.3.up_proj.weight_scale") == (128, 1)
+    assert f.meta["model.layers.1.mlp.experts.3.up_proj.weight"][0] == "BF16"
 
 
 # -- the reader (pread, no mmap) and the streaming writer -------------------------------------------------
@@ -322,6 +395,44 @@ def test_quantize_on_load_is_bitwise_equal_to_in_memory_quantize(work, case, mon
     m = from_folder(src, config)
     assert sum(isinstance(x, Fp8Linear) for x in m.modules()) == (29 if case.startswith("llama") else 8)
     assert torch.equal(logits(m), ref)
+
+
+@pytest.mark.parametrize("case", ["mixtral_hw", "qwen3_moe_pcs"])
+def test_moe_folder_and_quantize_on_load_are_bitwise_in_memory_quantize(work, case, monkeypatch):
+    """Fused experts from an FP8 folder (Fp8Experts filled from the per-expert FP8 linears, no bf16 expert weight
+    made) and by quantize-on-load (one expert's bf16 slice read, quantized, freed): the same modules, the same
+    FP8 weights and scales bit for bit, the same logits as in-memory QUANTIZE. Routers stay bf16; Qwen3-MoE's
+    layer-1 experts are blocked: bf16, assembled from their per-expert linears."""
+    w, cases = work
+    src, config = cases[case]
+    ref_model = in_memory(src, config)
+    ref = logits(ref_model)
+    ref_experts = {n: x for n, x in ref_model.named_modules() if isinstance(x, Fp8Experts)}
+    assert len(ref_experts) == (2 if case.startswith("mixtral") else 1)
+    for how, path in (("folder", w / f"fp8_{case}"), ("quantize_on_load", src)):
+        if how == "quantize_on_load":
+            monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+        m = from_folder(path, config)
+        assert not any(p.device.type == "meta" for p in m.parameters())
+        got = {n: x for n, x in m.named_modules() if isinstance(x, Fp8Experts)}
+        assert sorted(got) == sorted(ref_experts), how
+        for n, x in got.items():
+            assert x.gate_up_proj.dtype == x.down_proj.dtype == torch.float8_e4m3fn
+            state, want = x.state_dict(), ref_experts[n].state_dict()
+            assert sorted(state) == sorted(want) and all(_same(state[k], want[k]) for k in want), (how, n)
+        per_channel = case.endswith("pcs")
+        x = got["model.layers.0.mlp.experts"]
+        assert x.gate_up_proj_scale.shape == ((4, x.gate_up_proj.shape[1]) if per_channel else (4,))
+        assert x.gate_up_proj_input_scale.shape == (4,)
+        router = m.model.layers[0].mlp.gate
+        assert router.weight.dtype == torch.bfloat16 and "Router" in type(router).__name__
+        if case.startswith("qwen3"):
+            blocked = m.model.layers[1].mlp.experts
+            assert type(blocked).__name__ == "Qwen3MoeExperts" and blocked.gate_up_proj.dtype == torch.bfloat16
+            assert torch.equal(blocked.gate_up_proj, ref_model.model.layers[1].mlp.experts.gate_up_proj)
+        assert sum(isinstance(y, Fp8Linear) for y in m.modules()) == \
+            sum(isinstance(y, Fp8Linear) for y in ref_model.modules())
+        assert torch.equal(logits(m), ref), how
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
