@@ -290,7 +290,7 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending, layouts: dict) -
                 if not folder.has(key):
                     raise CheckpointError(f"{folder.path}: no tensor '{key}'; the checkpoint is for another model")
                 if folder.meta[key][0].startswith("F8"):  # an FP8 tensor read without its scale would be wrong
-                    raise CheckpointError(f"{folder.path / folder.where[key]}: tensor '{key}' is "
+                    raise CheckpointError(f"{folder.path / folder.where[key]}: tensor {folder.named(key)} is "
                                           f"{folder.meta[key][0]} without the scales ds_quant reads (a weight_scale "
                                           "beside a 2-D weight, or per-expert linears); ds_quant cannot load it")
                 rows = cols = None
@@ -443,12 +443,12 @@ def check_expert_parts(folder, layout: ExpertLayout, fp8: bool, fix: str = "conv
     for proj, e, name, rows in layout.all_parts():
         key, shape = f"{name}.weight", (rows.stop - rows.start, layout.shapes[proj][1])
         if not folder.has(key):
-            raise CheckpointError(f"{folder.path}: no tensor '{key}' (expert {e} of '{layout.name}.{proj}'); the "
-                                  f"checkpoint is truncated or for another model: {fix}")
+            raise CheckpointError(f"{folder.path}: no tensor '{key}' (expert {e} of '{layout.name}.{proj}', as the "
+                                  f"model names it); the checkpoint is truncated or for another model: {fix}")
         dtype, got = folder.meta[key]
         kind = "a 2-D F8_E4M3 weight" if fp8 else "a 2-D float weight"
         if tuple(got) != shape or (fp8 and dtype != "F8_E4M3") or (not fp8 and dtype not in ("BF16", "F16", "F32")):
-            raise CheckpointError(f"{folder.path / folder.where[key]}: tensor '{key}' is {dtype} {list(got)}, "
+            raise CheckpointError(f"{folder.path / folder.where[key]}: tensor {folder.named(key)} is {dtype} {list(got)}, "
                                   f"expected {kind} {list(shape)} (expert {e} of '{layout.name}.{proj}'); the "
                                   f"checkpoint is corrupt or for another model: {fix}")
 
@@ -493,9 +493,9 @@ def _expert_scales(folder: Fp8Folder, layout: ExpertLayout) -> dict:
             i = [info.input_scale for info, _ in parts]
             if any(x is None for x in i) != all(x is None for x in i):
                 name = next(info.name for info, _ in parts if info.input_scale is None)
-                raise CheckpointError(f"{folder.path / folder.where[name + '.weight']}: no tensor '{name}.input_scale', "
-                                      f"which the other experts of '{layout.name}' have; the checkpoint is corrupt: "
-                                      "convert again")
+                raise CheckpointError(f"{folder.path / folder.where[name + '.weight']}: no input_scale beside tensor "
+                                      f"{folder.named(name + '.weight')}, which the other experts of '{layout.name}' "
+                                      "have; the checkpoint is corrupt: convert again")
             if i[0] is not None and not all(torch.equal(x, i[0]) for x in i):
                 get_logger().info(f"{layout.name}.{proj}: expert {e}'s gate and up input scales differ; the larger is "
                                   "used (they share one input)")

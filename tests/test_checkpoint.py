@@ -436,10 +436,10 @@ def test_moe_folder_and_quantize_on_load_are_bitwise_in_memory_quantize(work, ca
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
-def _copy(w: Path, name: str) -> Path:
+def _copy(w: Path, name: str, src: str = "fp8_llama_hw") -> Path:
     dst = w / f"bad_{name}"
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(w / "fp8_llama_hw", dst)
+    shutil.copytree(w / src, dst)
     return dst
 
 
@@ -466,6 +466,54 @@ def test_truncated_or_corrupt_folder_gives_one_error_naming_file_and_tensor(work
     save_file(t, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is BF16 .*expected a 2-D F8_E4M3"):
         Fp8Folder(bad)
+
+
+def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypatch):
+    """An FP8 folder whose expert linear has the wrong shape, is not FP8, lacks its weight_scale or (alone among
+    its block) its input_scale; a bf16 source for quantize-on-load with a wrong expert shape: one line naming the
+    file and the tensor as the file spells it (`block_sparse_moe.`; the model says `mlp.`)."""
+    from safetensors.torch import load_file, save_file
+
+    w, cases = work
+    config = cases["mixtral_hw"][1]
+    e1 = "model.layers.0.block_sparse_moe.experts.1"
+    file = r"bad_\w+/model\.safetensors: "
+    # the file's name; where the folder is read for the model, also the model's
+    named = re.escape(f"'{e1}.w3.weight'") + "(" + re.escape(" (the model's 'model.layers.0.mlp.experts.1.w3.weight')") + ")?"
+    edits = [
+        ("shape", lambda t: t.update({f"{e1}.w3.weight": t[f"{e1}.w3.weight"][:255].contiguous()}),
+         file + "tensor " + named + r" is F8_E4M3 \[255, 128\], expected a 2-D F8_E4M3 weight \[256, 128\] \(expert 1 "
+         r"of 'model\.layers\.0\.mlp\.experts\.gate_up_proj'\)"),
+        ("bf16", lambda t: t.update({f"{e1}.w3.weight": t[f"{e1}.w3.weight"].to(torch.bfloat16)}),
+         file + "tensor " + named + r" is BF16 \[256, 128\], expected a 2-D F8_E4M3"),
+        ("no_scale", lambda t: t.pop(f"{e1}.w3.weight_scale"),
+         file + "tensor " + named + " is F8_E4M3 but the file has no weight_scale beside it"),
+        ("no_input_scale", lambda t: t.pop(f"{e1}.w3.input_scale"),
+         file + "no input_scale beside tensor " + named + ", which the other experts of "
+         r"'model\.layers\.0\.mlp\.experts' have"),
+    ]
+    for name, edit, message in edits:
+        bad = _copy(w, f"moe_{name}", "fp8_mixtral_hw")
+        t = load_file(bad / "model.safetensors")
+        edit(t)
+        save_file(t, bad / "model.safetensors")
+        with pytest.raises(CheckpointError, match=message):
+            from_folder(bad, config)
+    bad = w / "bad_moe_source"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(cases["mixtral_hw"][0], bad)
+    t = load_file(bad / "model.safetensors")
+    t[f"{e1}.w2.weight"] = t[f"{e1}.w2.weight"][:, :200].contiguous()
+    save_file(t, bad / "model.safetensors")
+    monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+    with pytest.raises(CheckpointError, match=file + re.escape(f"tensor '{e1}.w2.weight' (the model's "
+                                                               "'model.layers.0.mlp.experts.1.w2.weight') is BF16 "
+                                                               "[128, 200], expected a 2-D float weight [128, 256]")):
+        from_folder(bad, config)
+    monkeypatch.delenv(fp8_load.QUANTIZE_ON_LOAD_ENV)
+    with pytest.raises(CheckpointError, match=file + re.escape(f"tensor '{e1}.w2.weight' (the model's")):
+        convert(bad, w / "never_written", config, progress=False)
+    assert not (w / "never_written").exists()
 
 
 def test_folder_of_another_model_is_refused_naming_the_layer(work):
