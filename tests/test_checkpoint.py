@@ -409,10 +409,27 @@ def test_moe_folder_and_quantize_on_load_are_bitwise_in_memory_quantize(work, ca
     ref = logits(ref_model)
     ref_experts = {n: x for n, x in ref_model.named_modules() if isinstance(x, Fp8Experts)}
     assert len(ref_experts) == (2 if case.startswith("mixtral") else 1)
+    from ds_quant import checkpoint
+
+    reads, read = [], checkpoint.SafetensorsFile.read
+
+    def logged(self, key, *args, **kwargs):
+        t = read(self, key, *args, **kwargs)
+        reads.append((key, t.dtype, tuple(t.shape)))
+        return t
+
+    monkeypatch.setattr(checkpoint.SafetensorsFile, "read", logged)
     for how, path in (("folder", w / f"fp8_{case}"), ("quantize_on_load", src)):
         if how == "quantize_on_load":
             monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+        reads.clear()
         m = from_folder(path, config)
+        # the quantized experts' weights: FP8 from a folder, one expert's bf16 linear at a time on quantize-on-load
+        blocked = ".layers.1." if case.startswith("qwen3") else "-"  # Qwen3-MoE's blocked block: bf16, as stored
+        expert_reads = [(k, d, s) for k, d, s in reads if ".experts." in k and k.endswith(".weight")
+                        and blocked not in k]
+        assert expert_reads and all(len(s) == 2 for _, _, s in expert_reads)
+        assert all(d == (torch.float8_e4m3fn if how == "folder" else torch.bfloat16) for _, d, _ in expert_reads)
         assert not any(p.device.type == "meta" for p in m.parameters())
         got = {n: x for n, x in m.named_modules() if isinstance(x, Fp8Experts)}
         assert sorted(got) == sorted(ref_experts), how
