@@ -313,7 +313,7 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending, layouts: dict) -
 
 def key_renamer(model: nn.Module):
     """file key -> the model's key, by the renames transformers applies when it loads this model's checkpoints
-    (its WeightRenaming transforms; other conversions, such as fused MoE experts, are not applied)."""
+    (its WeightRenaming transforms; the fused MoE experts' merges are `ExpertLayout`'s)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
