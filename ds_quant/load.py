@@ -131,6 +131,9 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
         parts = {name for fqn, _ in experts if fqn in layouts and not p.quantize
                  for _, _, name, _ in layouts[fqn].all_parts()}
         _check_covered(model, folder, {fqn for fqn, _ in targets} | parts)
+        for fqn, layout in layouts.items():  # blocks left in high precision, assembled by _fill_rest
+            if fqn not in {f for f, _ in experts} and layout.stored_per_expert(folder):
+                check_expert_parts(folder, layout, fp8=False)
     except ValueError as e:  # CheckpointError, MeasurementError, ConfigError
         error = e
     _agree(error)
