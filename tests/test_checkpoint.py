@@ -652,6 +652,7 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
               cwd=w, timeout=600)
     for rank in (0, 1):
         res = json.loads((w / f"tp2_{rank}.json").read_text())
+        print(f"rank {rank} seconds per case:", {n: round(r["seconds"], 1) for n, r in res.items()})
         for name, r in res.items():
             assert r["equal"], (rank, name, r["max_abs_diff"])
             assert r["params_on_meta_before_init_inference"] > 0 and r["params_on_meta_after"] == 0

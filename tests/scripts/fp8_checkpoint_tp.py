@@ -11,6 +11,7 @@ Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
 import json
 import os
 import sys
+import time
 
 import deepspeed
 import torch
@@ -47,6 +48,7 @@ def same(a, b):
 
 results, references = {}, {}
 for case in plan:
+    start = time.perf_counter()
     ds_quant.install(case["config"])
     key = (case["bf16"], case["config"])  # in-memory QUANTIZE once per model and config
     if key not in references:
@@ -59,6 +61,7 @@ for case in plan:
     model, ckpt, on_meta = load(case["fp8"])
     os.environ.pop(ds_quant.load.QUANTIZE_ON_LOAD_ENV, None)
     results[case["name"]] = {
+        "seconds": time.perf_counter() - start,  # the in-memory reference (if not shared) and the load
         "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),
         "finite": bool(torch.isfinite(ckpt).all()), "params_on_meta_before_init_inference": on_meta,
         "params_on_meta_after": sum(p.device.type == "meta" for p in model.parameters()),
