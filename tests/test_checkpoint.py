@@ -533,6 +533,31 @@ def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypa
     assert not (w / "never_written").exists()
 
 
+def test_folder_with_different_gate_and_up_scales_loads_with_per_row_scales(work, caplog_ds):
+    """A folder written elsewhere (llm-compressor scales w1 and w3 apart): gate and up rows keep their own weight
+    scales (per-row scales, the same dequantized weights), and differing gate / up input scales take the larger
+    (they share one input), logged."""
+    from safetensors.torch import load_file, save_file
+
+    w, cases = work
+    bad = _copy(w, "moe_split_scales", "fp8_mixtral_hw")
+    t = load_file(bad / "model.safetensors")
+    e1 = "model.layers.0.block_sparse_moe.experts.1"
+    up_scale, up_input = t[f"{e1}.w3.weight_scale"] * 2, t[f"{e1}.w3.input_scale"] * 3
+    t[f"{e1}.w3.weight_scale"], t[f"{e1}.w3.input_scale"] = up_scale, up_input
+    save_file(t, bad / "model.safetensors")
+    m = from_folder(bad, cases["mixtral_hw"][1])
+    x = m.model.layers[0].mlp.experts
+    assert x.gate_up_proj_scale.shape == (4, 512)  # per row: gate rows [0, 256), up rows [256, 512)
+    assert torch.equal(x.gate_up_proj_scale[1, 256:], up_scale.expand(256))
+    assert torch.equal(x.gate_up_proj_scale[1, :256], t[f"{e1}.w1.weight_scale"].expand(256))
+    assert torch.equal(x.gate_up_proj_scale[2], t[f"{e1[:-1]}2.w1.weight_scale"].expand(512))
+    assert x.gate_up_proj_input_scale[1] == up_input.max() > t[f"{e1}.w1.input_scale"].max()
+    assert "model.layers.0.mlp.experts.gate_up_proj: expert 1's gate and up input scales differ" in caplog_ds.text
+    assert m.model.layers[1].mlp.experts.gate_up_proj_scale.shape == (4,)  # the other layer: as written
+    assert torch.isfinite(logits(m)).all()
+
+
 def test_folder_of_another_model_is_refused_naming_the_layer(work):
     w, cases = work
     bad = _copy(w, "other_model")
