@@ -5,9 +5,10 @@
 A random-init Llama whose decode time at long context is mostly attention (16 heads, 8 KV heads of 64, split 4 + 4
 KV heads per rank by AutoTP), linears left in bf16 (allowlist `KVCache` only) so only the cache differs. MEASURE
 records the KV statistics with one generate(), then per context length (1k, 8k tokens): one bf16 prefill fills a
-`DynamicCache`; the same states go into ds_quant's FP8 cache and into transformers' `QuantizedCache(backend="fp8")`;
-then decode steps (one token, on rank-local caches) alternate between the three caches, and the median step times
-are compared. Bytes per token: every tensor each cache holds, per rank, divided by the tokens in it.
+`DynamicCache`; the same states go into ds_quant's FP8 cache (twice: as QUANTIZE runs it, decode attention reading the
+FP8 bytes through `ds_quant_kv`, and with every read de-quantized first, the `DS_QUANT_KV_ATTENTION=0` path) and into
+transformers' `QuantizedCache(backend="fp8")`; then decode steps (one token, on rank-local caches) alternate between
+the four caches, and the median step times are compared. Bytes per token: every tensor each cache holds, per rank, divided by the tokens in it.
 """
 
 from __future__ import annotations
@@ -77,13 +78,16 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
             bf16 = DynamicCache(config=quant.config)
             logits = quant(prompt, past_key_values=bf16).logits[:, -1]
             fp8, hf_fp8 = kv_cache.make_kv_cache(quant), QuantizedCache(backend="fp8", config=quant.config)
-            for cache in (fp8, hf_fp8):  # the same prompt states
+            fp8_deq = kv_cache.make_kv_cache(quant)
+            for layer in fp8_deq.layers:
+                layer.fused = False  # every read de-quantized, then sdpa: what DS_QUANT_KV_ATTENTION=0 runs
+            for cache in (fp8, fp8_deq, hf_fp8):  # the same prompt states
                 for i, layer in enumerate(bf16.layers):
                     cache.update(layer.keys, layer.values, i)
             token = logits.argmax(-1, keepdim=True)
-            times = {"bf16": [], "fp8": [], "hf_fp8": []}
+            times = {"bf16": [], "fp8": [], "fp8_dequantized": [], "hf_fp8": []}
             for _ in range(steps):
-                for name, cache in (("bf16", bf16), ("fp8", fp8), ("hf_fp8", hf_fp8)):
+                for name, cache in (("bf16", bf16), ("fp8", fp8), ("fp8_dequantized", fp8_deq), ("hf_fp8", hf_fp8)):
                     t0 = time.perf_counter()
                     quant(token, past_key_values=cache)
                     times[name].append(time.perf_counter() - t0)
@@ -94,6 +98,8 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
                 "bytes_per_token": sizes, "fp8_bytes_ratio": sizes["fp8"] / sizes["bf16"],
                 "decode_s": med, "fp8_decode_speed_vs_bf16": med["bf16"] / med["fp8"],
                 "hf_fp8_decode_speed_vs_bf16": med["bf16"] / med["hf_fp8"],
+                "fp8_dequantized_decode_speed_vs_bf16": med["bf16"] / med["fp8_dequantized"],
+                "attn_implementation": quant.config._attn_implementation,
                 "layer_types": kv_cache.describe(fp8)["layer_types"], "dtypes": kv_cache.describe(fp8)["dtypes"]}
     if rank == 0:
         Path(out).write_text(json.dumps(res, indent=1))
@@ -130,7 +136,9 @@ def table(res: dict, cpu: str) -> str:
         b, d = r["bytes_per_token"], r["decode_s"]
         lines.append(f"  {ctx:>5} tokens: bytes/token/rank bf16 {b['bf16']:.0f}, FP8 {b['fp8']:.0f} "
                      f"({r['fp8_bytes_ratio']:.3f}x); decode step bf16 {d['bf16'] * 1e3:.1f} ms, FP8 {d['fp8'] * 1e3:.1f} "
-                     f"ms (speed {r['fp8_decode_speed_vs_bf16']:.2f}x of bf16), transformers' fp8 QuantizedCache "
+                     f"ms (speed {r['fp8_decode_speed_vs_bf16']:.2f}x of bf16; {r['attn_implementation']}), FP8 "
+                     f"de-quantized on read {d['fp8_dequantized'] * 1e3:.1f} ms "
+                     f"({r['fp8_dequantized_decode_speed_vs_bf16']:.2f}x), transformers' fp8 QuantizedCache "
                      f"{d['hf_fp8'] * 1e3:.1f} ms ({r['hf_fp8_decode_speed_vs_bf16']:.2f}x)")
     return "\n".join(lines)
 

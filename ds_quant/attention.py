@@ -35,13 +35,14 @@ import torch
 from . import layer_spec
 from .config import ATTENTION_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
+from .measurements import ATTENTION_OPERANDS, attention_record
 from .scales import Act, to_fp8_saturated
 
 IMPL = "ds_quant_fp8"
 MATMUL_TYPE, SOFTMAX_TYPE = ATTENTION_TYPES
 _ATTR = "_ds_quant_attention"
 _FALLBACK_ATTR = "_ds_quant_attention_fallback"  # on every attention module: what runs where no site is marked
-OPERANDS = ("q", "k", "v", "p")
+OPERANDS = ATTENTION_OPERANDS  # q, k, v, p (softmax output)
 
 
 @dataclass
@@ -207,8 +208,7 @@ def records(model) -> dict[str, dict]:
     out = {}
     for name, s in sites_of(model).items():
         if s.mode is Mode.MEASURE and s.stats.calls:
-            out[name] = {"kind": "attention", **{f"{op}_amax": s.stats.amax[op] for op in OPERANDS},
-                         "samples": s.stats.calls}
+            out[name] = attention_record({op: s.stats.amax[op] for op in OPERANDS}, s.stats.calls)
     return out
 
 

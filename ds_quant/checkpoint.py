@@ -435,6 +435,11 @@ class SafetensorsFolder:
             self.where[name], self.file_key[name] = fname, k
             self.meta[name] = (v.dtype, v.shape)
 
+    def named(self, key: str) -> str:
+        """`key` quoted as the file spells it (and as the model does, where transformers renames it)."""
+        fk = self.file_key.get(key, key)
+        return f"'{fk}'" if fk == key else f"'{fk}' (the model's '{key}')"
+
     def _file_of(self, key: str) -> Path:
         return self.path / self.where.get(key, "?")
 
@@ -477,7 +482,12 @@ class Fp8Folder(SafetensorsFolder):
 
     def _find_layers(self) -> dict[str, Fp8Layer]:
         layers = {}
-        for key in self.meta:
+        for key, (dtype, _) in self.meta.items():
+            if key.endswith(".weight") and dtype.startswith("F8") and f"{key[:-len('weight')]}weight_scale" not in \
+                    self.meta:
+                raise CheckpointError(f"{self._file_of(key)}: tensor {self.named(key)} is {dtype} but the file has "
+                                      "no weight_scale beside it; the checkpoint is corrupt or truncated: convert "
+                                      "again")
             if not key.endswith(".weight_scale"):
                 continue
             name = key[: -len(".weight_scale")]
@@ -487,16 +497,16 @@ class Fp8Folder(SafetensorsFolder):
     def _layer(self, name: str) -> Fp8Layer:
         w = f"{name}.weight"
         if w not in self.meta:
-            raise CheckpointError(f"{self._file_of(name + '.weight_scale')}: '{name}.weight_scale' without "
-                                  f"'{w}'")
+            raise CheckpointError(f"{self._file_of(name + '.weight_scale')}: {self.named(name + '.weight_scale')} "
+                                  f"without '{w}'")
         dtype, shape = self.meta[w]
         if dtype != "F8_E4M3" or len(shape) != 2:
-            raise CheckpointError(f"{self._file_of(w)}: tensor '{w}' is {dtype} {list(shape)}, expected a 2-D "
+            raise CheckpointError(f"{self._file_of(w)}: tensor {self.named(w)} is {dtype} {list(shape)}, expected a 2-D "
                                   "F8_E4M3 (float8_e4m3fn) weight")
         ws = self._scale(f"{name}.weight_scale", shape[0])
         ins = self._scale(f"{name}.input_scale", 1) if f"{name}.input_scale" in self.meta else None
         if ins is not None and ins.numel() != 1:
-            raise CheckpointError(f"{self._file_of(name + '.input_scale')}: '{name}.input_scale' has "
+            raise CheckpointError(f"{self._file_of(name + '.input_scale')}: {self.named(name + '.input_scale')} has "
                                   f"{ins.numel()} elements; ds_quant loads one static input scale per layer")
         return Fp8Layer(name, shape, ws.reshape(()) if ws.numel() == 1 and shape[0] != 1 else ws.reshape(-1),
                         None if ins is None else ins.reshape(()))
@@ -506,11 +516,11 @@ class Fp8Folder(SafetensorsFolder):
         n = math.prod(shape)
         if dtype != "F32" or n not in (1, rows) or len(shape) > 2 or (n == rows and rows > 1 and
                                                                         shape not in ((rows, 1), (rows,))):
-            raise CheckpointError(f"{self._file_of(key)}: tensor '{key}' is {dtype} {list(shape)}, expected F32 "
+            raise CheckpointError(f"{self._file_of(key)}: tensor {self.named(key)} is {dtype} {list(shape)}, expected F32 "
                                   f"[1] (per tensor) or [{rows}, 1] (per output channel)")
         t = self.read(key)
         if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-            raise CheckpointError(f"{self._file_of(key)}: tensor '{key}' holds zero, negative or non-finite "
+            raise CheckpointError(f"{self._file_of(key)}: tensor {self.named(key)} holds zero, negative or non-finite "
                                   "scales; the checkpoint is corrupt: convert again")
         return t
 

@@ -49,7 +49,8 @@ _KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmH
 
 def model_linears(model_dir: str | os.PathLike):
     """({fqn: (out, in)} of every plain linear of the model the folder's config.json describes (built on meta,
-    no weights read; MoE routers excluded as prep_model excludes them), rename(file key) -> model key)."""
+    no weights read; MoE routers excluded as prep_model excludes them), rename(file key) -> model key, the model
+    on meta)."""
     import transformers
     from accelerate import init_empty_weights
     from torch import nn
@@ -73,7 +74,7 @@ def model_linears(model_dir: str | os.PathLike):
     keep_hp |= {f for names in holders.values() if len(names) > 1 for f in names}
     return {fqn: (m.out_features, m.in_features) for fqn, m in model.named_modules()
             if isinstance(m, nn.Linear) and fqn not in keep_hp
-            and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}, key_renamer(model)
+            and (type(m).forward is nn.Linear.forward or type(m).__name__ == "FalconLinear")}, key_renamer(model), model
 
 
 def _selected(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
@@ -102,8 +103,10 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
     _check_config(cfg)
     src = Path(model_dir)
     files = _source_files(src)
-    linears, rename = model_linears(src)
-    doc, where = _measurements(cfg, linears)
+    linears, rename, meta_model = model_linears(src)
+    experts = _ExpertsWriter.plan(meta_model, cfg, src, rename, dtype)
+    doc, where = _measurements(cfg, linears, experts.records)
+    experts.records_doc = doc["layers"] if doc else {}
     records = doc["layers"] if doc else {}
     targets = {n for n, shape in linears.items() if _selected(cfg, n, records.get(n, {}).get("kind"))}
     hess = None
@@ -125,6 +128,10 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
             for key in sorted(f.tensors, key=lambda k: f.tensors[k].begin):  # file order: sequential reads
                 info = f.tensors[key]
                 model_key = rename(key)  # the module name may differ from the file's key (legacy names)
+                if experts.owns(model_key):  # one expert's gate, up or down linear: FP8 + scales
+                    plan.update(experts.plan_tensor(src / fname, key, model_key, info))
+                    jobs.append((key, model_key))
+                    continue
                 name = model_key[: -len(".weight")] if model_key.endswith(".weight") else None
                 if name not in targets:
                     plan[key] = (DTYPES[info.dtype], info.shape)
@@ -144,6 +151,10 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
             out = writer.stream(fname, plan)  # header first; each tensor written as it is made, then freed
             try:
                 for key, name in jobs:
+                    if experts.owns(name):
+                        experts.write(out, key, name)
+                        bar.update()
+                        continue
                     if name is None:
                         out.write(key, f.read(key))
                         bar.update()
@@ -167,6 +178,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                 out.abort()
             f.close()
         bar.close()
+        experts.close()
         missing = sorted(targets - seen)
         if missing:
             raise CheckpointError(f"{src}: no weight tensor for linear(s) {missing[:5]} in the safetensors files "
@@ -182,14 +194,16 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                                     if cfg.method_for(n) != cfg.scale_method},
                   "measurements": None if doc is None else {"file": str(where), "fingerprint": doc["fingerprint"],
                                                            "world_size": doc["world_size"]}}
-        model_config["quantization_config"] = quantization_config(schemes, sorted(set(linears) - set(schemes)),
-                                                                  extras)
+        model_config["quantization_config"] = quantization_config(
+            {**schemes, **experts.schemes}, sorted(set(linears) - set(schemes)) + experts.ignore, extras)
         result = writer.commit(model_config)
     except BaseException:
         writer.abort()
         raise
     get_logger().info(f"wrote {result}: {len(schemes)} FP8 linear(s), {len(linears) - len(schemes)} linear(s) "
-                      f"left in {str(dtype).replace('torch.', '')} ({cfg.scale_method.value})")
+                      f"left in {str(dtype).replace('torch.', '')}"
+                      + (f", {len(experts.layouts)} fused-experts block(s) as per-expert FP8 linears"
+                         if experts.layouts else "") + f" ({cfg.scale_method.value})")
     return result
 
 
@@ -222,11 +236,13 @@ class QuantizingFolder(SafetensorsFolder):
     (computed from the whole weight, read in row blocks), `read(fqn.weight, rows, cols)` this rank's FP8 piece,
     cast block by block; only the FP8 shard stays."""
 
-    def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype):
+    def __init__(self, folder, rename, cfg: QuantConfig, wanted: dict[str, tuple[int, int]], dtype: torch.dtype,
+                 expert_records: dict[str, tuple[int, int]] | None = None):
+        """`expert_records`: the measurement records (name -> shape) of the fused experts to quantize too."""
         super().__init__(folder, rename)
         self.cfg, self.dtype = cfg, dtype
         self.act_limit = PROFILES[cfg.device_for_scales].fp8_max(fp8_dtype(cfg.fp8_config))
-        doc, _ = _measurements(cfg, wanted)
+        doc, _ = _measurements(cfg, wanted, expert_records)
         self.records = doc["layers"] if doc else {}
         self.layers = _Lazy(self, wanted)
         self.fp8, self.profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
@@ -317,13 +333,15 @@ def _check_config(cfg: QuantConfig) -> None:
                           "drop the key (smoothing applies to in-memory QUANTIZE of a bf16 model)")
 
 
-
-def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]]):
+def _measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]], expert_records: dict | None = None):
+    """The merged measurements, checked for the linears whose method needs them and for `expert_records` (the
+    per-expert records, name -> shape, of the experts blocks whose method needs them); (None, None) if none do."""
     needs = [n for n in linears if RECIPES[cfg.method_for(n)].needs_measurements]
-    if not needs:
+    if not needs and not expert_records:
         return None, None
     doc, where = measurements.read_local(cfg.dump_stats_path)
     wanted = {n: linears[n] for n in needs if _selected(cfg, n, doc["layers"].get(n, {}).get("kind"))}
+    wanted.update(expert_records or {})
     measurements.check_layers(doc, where, wanted)
     return doc, where
 
@@ -345,3 +363,113 @@ def _open_source(path: Path) -> SafetensorsFile:
         return SafetensorsFile(path)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("convert again", "save the model again")) from None
+
+
+class _ExpertsWriter:
+    """Fused MoE experts in `convert`. The source holds them as per-expert linears (`load.ExpertLayout`: what
+    transformers 5's save_pretrained writes, and the layout llm-compressor, vLLM and HF + compressed-tensors use
+    for FP8 experts); each expert's fused slice ([gate; up] rows, or down) is read, quantized with
+    `experts.quantize_expert` exactly as in-memory QUANTIZE quantizes it, and written back as per-expert FP8
+    linears: `weight`, `weight_scale` (the slice's scale, so gate and up carry the same one, or their rows of the
+    per-channel scales), `input_scale` (the expert's). A slice is kept only until all its parts are written."""
+
+    def __init__(self):
+        self.layouts, self.specs, self.part_of, self.records = {}, {}, {}, {}
+        self.records_doc, self.schemes, self.ignore, self._cache, self._inputs = {}, {}, [], {}, {}
+        self.source = None
+
+    @classmethod
+    def plan(cls, model, cfg: QuantConfig, src: Path, rename, dtype: torch.dtype) -> _ExpertsWriter:
+        from . import layer_spec
+        from .experts import record_name
+        from .load import check_expert_parts, expert_layouts
+        from .patch import make_experts_filter
+
+        self = cls()
+        self.dtype = dtype
+        layouts = expert_layouts(model)
+        if not layouts:
+            return self
+        try:
+            self.source = SafetensorsFolder(src, rename)  # the experts' parts, whichever file holds them
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace("convert again", "save the model again")) from None
+        file_name = {m: f for m, f in self.source.file_key.items()}
+        keep = make_experts_filter(cfg)
+        for fqn, layout in layouts.items():
+            parent = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model
+            for child_name, child in parent.named_children():  # the router: one output per expert, high precision
+                w = child._parameters.get("weight") if child is not model.get_submodule(fqn) else None
+                if w is not None and w.dim() == 2 and w.shape[0] == layout.num_experts:
+                    key = f"{fqn.rpartition('.')[0]}.{child_name}.weight".lstrip(".")
+                    self.ignore.append(file_name.get(key, key)[: -len(".weight")])
+            if not layout.stored_per_expert(self.source):
+                get_logger().warning(f"{src}: '{fqn}' is stored fused (3-D), not as per-expert linears; it is copied "
+                                     "as it is (high precision). Save the model with save_pretrained's default "
+                                     "layout to convert its experts")
+                continue
+            if not keep(model.get_submodule(fqn), fqn):  # blocked by the config: high precision, ignored
+                self.ignore += [file_name[f"{n}.weight"][: -len(".weight")] for _, _, n, _ in layout.all_parts()]
+                continue
+            check_expert_parts(self.source, layout, fp8=False, fix="save the model again")
+            self.layouts[fqn], self.specs[fqn] = layout, layer_spec.resolve(cfg, fqn, "experts")
+            for proj, e, name, rows in layout.all_parts():
+                self.part_of[f"{name}.weight"] = (fqn, proj, e, rows)
+            if self.specs[fqn].needs_measurements:
+                self.records.update({record_name(fqn, p, e): layout.shapes[p] for p in layout.shapes
+                                     for e in range(layout.num_experts)})
+        return self
+
+    def owns(self, model_key: str | None) -> bool:
+        return model_key in self.part_of
+
+    def plan_tensor(self, path: Path, key: str, model_key: str, info) -> dict:
+        fqn, proj, e, rows = self.part_of[model_key]
+        spec, prefix = self.specs[fqn], key[: -len(".weight")]
+        plan = {key: (spec.fp8_dtype, tuple(info.shape)),
+                f"{prefix}.weight_scale": (torch.float32, (info.shape[0], 1) if spec.recipe.weight_per_channel
+                                           else (1,))}
+        if spec.recipe.act is not Act.DYNAMIC:
+            plan[f"{prefix}.input_scale"] = (torch.float32, (1,))
+        return plan
+
+    def write(self, out, key: str, model_key: str) -> None:
+        fqn, proj, e, rows = self.part_of[model_key]
+        w_fp8, scale = self._slice(fqn, proj, e)
+        prefix = key[: -len(".weight")]
+        out.write(key, w_fp8[rows])
+        out.write(f"{prefix}.weight_scale", scale[rows].reshape(-1, 1) if scale.dim() else scale.reshape(1))
+        inputs = self._input_scales(fqn, proj)
+        if inputs is not None:
+            out.write(f"{prefix}.input_scale", inputs[e].reshape(1))
+        self.schemes[prefix] = Scheme(scale.dim() == 1, inputs is not None)
+
+    def _slice(self, fqn: str, proj: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_fp8 (out, in), scale) of expert e's fused slice, quantized on its first part's turn."""
+        from .experts import quantize_expert, record_name
+        from .load import read_expert_hp
+
+        k = (fqn, proj, e)
+        if k not in self._cache:
+            layout = self.layouts[fqn]
+            w_hp = read_expert_hp(self.source, layout, fqn, proj, e).to(self.dtype)
+            _check_unchanged(record_name(fqn, proj, e), w_hp, self.records_doc.get(record_name(fqn, proj, e)))
+            self._cache[k] = [*quantize_expert(w_hp, self.specs[fqn]), len(layout.parts(proj, e))]
+        entry = self._cache[k]
+        entry[2] -= 1
+        if entry[2] == 0:
+            del self._cache[k]
+        return entry[0], entry[1]
+
+    def _input_scales(self, fqn: str, proj: str) -> torch.Tensor | None:
+        from .experts import expert_input_scales
+
+        if (fqn, proj) not in self._inputs:
+            spec = self.specs[fqn]
+            self._inputs[(fqn, proj)] = expert_input_scales(fqn, proj, self.layouts[fqn].num_experts, spec,
+                                                            self.records_doc if spec.needs_measurements else None)
+        return self._inputs[(fqn, proj)]
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()

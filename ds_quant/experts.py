@@ -26,6 +26,7 @@ from . import ops
 from .config import MeasureExclude
 from .layer_spec import LayerSpec, require_spec
 from .log import get_logger
+from .measurements import linear_record
 from .observers import MaxAbsObserver
 from .scales import Act, quantize_weight
 
@@ -117,9 +118,8 @@ class MeasuredExperts(_TwinExperts):
         out = {}
         for (proj, e), obs in self.observers.items():
             w = getattr(self, proj)[e]
-            out[record_name(self.name, proj, e)] = {"kind": "plain", "in_features": w.shape[1],
-                                                    "out_features": w.shape[0], "local_in_features": w.shape[1],
-                                                    "partition_sizes": [], **obs.stats(w)}
+            out[record_name(self.name, proj, e)] = linear_record("plain", w.shape[1], w.shape[0], obs.stats(w),
+                                                                 local_in_features=w.shape[1], partition_sizes=[])
         return out
 
     def wanted_shapes(self) -> dict[str, tuple[int, int]]:
@@ -151,20 +151,14 @@ class Fp8Experts(_TwinExperts):
         """`spec`: the block's numbers (`layer_spec.resolve(config, name, "experts")`); `layers`: the measurement
         file's records (None when the method needs none)."""
         spec = require_spec(spec, "Fp8Experts.from_original")
-        recipe = spec.recipe
         weights, scales, inputs = {}, {}, {}
         for p in PROJ:
             w_hp = getattr(module, p).detach()
-            q = [quantize_weight(w_hp[e], recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff)
-                 for e in range(len(w_hp))]
+            q = [quantize_expert(w_hp[e], spec) for e in range(len(w_hp))]
             weights[p] = torch.stack([w for w, _ in q])
-            scales[p] = torch.stack([s.float() for _, s in q])
-            if recipe.act is not Act.DYNAMIC:
-                amax = [float(layers[record_name(name, p, e)]["input_amax"] or 0.0) if layers else 0.0
-                        for e in range(len(w_hp))]
-                inputs[p] = torch.stack([spec.input_scale(a, device=w_hp.device).float()
-                                         for a in _fill_unseen(name, p, amax, layers)])
-        return cls(name, module, weights, scales, None if recipe.act is Act.DYNAMIC else inputs, spec.fp8_max)
+            scales[p] = torch.stack([s for _, s in q])
+            inputs[p] = expert_input_scales(name, p, len(w_hp), spec, layers, w_hp.device)
+        return cls(name, module, weights, scales, None if spec.recipe.act is Act.DYNAMIC else inputs, spec.fp8_max)
 
     def project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         w_fp8 = getattr(self, proj)[expert]
@@ -181,6 +175,25 @@ class Fp8Experts(_TwinExperts):
     def gemm_plan(self) -> str:
         return ops.describe(self.gate_up_proj.device, *self.gate_up_proj.shape[1:],
                             rowwise=self.gate_up_proj_scale.dim() > 1 or self.gate_up_proj_input_scale is None)
+
+
+def quantize_expert(w_hp: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_fp8 (out, in), float32 scale: () per tensor, (out,) per channel) of one expert's projection (out, in),
+    e.g. `gate_up_proj[e]` (2I, H), its gate and up rows together: the one function in-memory QUANTIZE, `ds-quant
+    convert` and quantize-on-load quantize experts with."""
+    w_fp8, scale = quantize_weight(w_hp, spec.recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff)
+    return w_fp8, scale.float()
+
+
+def expert_input_scales(name: str, proj: str, num_experts: int, spec: LayerSpec, layers: dict | None,
+                        device=None) -> torch.Tensor | None:
+    """The per-expert static input scales (E,) float32 of `{name}.{proj}` from the measurement records (`layers`:
+    the file's; unseen experts take the layer's largest max-abs); None when activations are dynamic."""
+    if spec.recipe.act is Act.DYNAMIC:
+        return None
+    amax = [float(layers[record_name(name, proj, e)]["input_amax"] or 0.0) if layers else 0.0
+            for e in range(num_experts)]
+    return torch.stack([spec.input_scale(a, device=device).float() for a in _fill_unseen(name, proj, amax, layers)])
 
 
 def _fill_unseen(name: str, proj: str, amax: list[float], layers: dict | None) -> list[float]:

@@ -151,10 +151,10 @@ def _layer(name: str, nodes: list[tuple[str, Mapping]], shape: tuple[int, int] |
             channels = np.max(vecs, axis=0)  # replicated input
         elif in_f is not None and sum(lens) == in_f:
             channels = np.concatenate(vecs)  # split input, in rank order
-    return {"kind": "plain", "in_features": in_f, "out_features": out_f, "input_amax": max(inputs),
-            "input_channel_amax": None if channels is None else channels.astype(np.float32).tolist(),
-            "output_amax": None if any(o is None for o in outputs) else max(outputs),
-            "weight_amax": max(weights), "samples": 0}
+    return ms.linear_record("plain", in_f, out_f, {
+        "input_amax": max(inputs), "input_channel_amax": None if channels is None else channels.astype(np.float32).tolist(),
+        "output_amax": None if any(o is None for o in outputs) else max(outputs), "weight_amax": max(weights),
+        "samples": 0})
 
 
 def model_shapes(model_dir: str) -> dict[str, tuple[int, int]]:

@@ -14,6 +14,14 @@ cast saturates (the prompt's scale lets later tokens overflow to NaN). transform
 is a `DynamicLayer` with the same methods. Like transformers' layer, the first update (the prompt) returns the
 states as they came; later reads de-quantize (on CPU with a compiled kernel, `csrc/kv_cache_cpu.cpp`).
 
+Decode on the FP8 cache (CPU, QUANTIZE, a model whose attention was `sdpa`): ds_quant registers the attention
+implementation `ds_quant_kv` and points the model's config at it. Later reads then return the cache as
+`Fp8KVTensor`s (the FP8 buffer and its scale, looking like the bf16 tensor they stand for), and for one query token
+`ds_quant_kv` computes attention straight from the FP8 bytes (`ds_quant_kv::decode_attention`: each key and value
+row read once, one byte per element, no bf16 copy of the cache). Anything else (several query tokens, a mask or an
+argument it does not implement, a bf16 cache) runs sdpa on the de-quantized tensors, and any other code that
+touches an `Fp8KVTensor` sees it de-quantized (`__torch_dispatch__`). `DS_QUANT_KV_ATTENTION=0` turns it off.
+
 Which cache generate() gets: `prep_model` replaces the prepared model's `_prepare_cache_for_generation` (on the
 instance) by one that swaps the layers of the `DynamicCache` generate() would build by default. A cache the caller
 passes, or a `cache_implementation` they set, is left as it is; `make_kv_cache(model)` builds ours explicitly (for
@@ -35,10 +43,14 @@ import torch
 from . import layer_spec
 from .config import KV_CACHE_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
+from .measurements import kv_record
 from .scales import Act, amax_to_scale, to_fp8_saturated
 
 KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
 _PLAN_ATTR = "_ds_quant_kv"
+ATTN_IMPL = "ds_quant_kv"  # the attention implementation that reads the FP8 cache directly
+_FALLBACK_ATTR = "_ds_quant_kv_fallback"  # on each attention module: the implementation the model had
+_CALLS_ATTR = "_ds_quant_kv_calls"  # on each attention module: {"fused": n, "fallback": n}
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "kv_cache_cpu.cpp")
 
 
@@ -73,6 +85,7 @@ class KVPlan:
     scales: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # None: from the prompt
     stats: dict[int, KVStats] = field(default_factory=dict)
     source: str = ""  # QUANTIZE: the measurement file the scales come from
+    fused: bool = False  # QUANTIZE: reads return Fp8KVTensors for `ds_quant_kv` (see the module docstring)
 
     def layer(self, idx: int):
         """A fresh cache layer for decoder layer `idx`, or None to keep transformers' own."""
@@ -81,7 +94,9 @@ class KVPlan:
         if self.mode is Mode.MEASURE:
             return measured_layer_class()(self.stats.setdefault(idx, KVStats()))
         k_scale, v_scale = self.scales[idx]
-        return fp8_layer_class()(k_scale, v_scale, self.dtype, self.limit, self.backoff)
+        layer = fp8_layer_class()(k_scale, v_scale, self.dtype, self.limit, self.backoff)
+        layer.fused = self.fused
+        return layer
 
 
 def kv_names(model) -> dict[int, str]:
@@ -193,10 +208,14 @@ def install(model, cfg: QuantConfig, load=None) -> KVPlan | None:
         return out
 
     model._prepare_cache_for_generation = prepare_cache
+    if plan.mode is Mode.QUANTIZE:
+        plan.fused = install_attention(model)
     if current_rank() == 0:
         what = (f"recording KV-cache max-abs per head in {len(plan.names)} layer(s)" if plan.mode is Mode.MEASURE
                 else f"KV cache in {str(plan.dtype).replace('torch.', '')} in {len(plan.names)} layer(s)"
-                + (f", static scales from {plan.source}" if plan.source else ""))
+                + (f", static scales from {plan.source}" if plan.source else "")
+                + (f"; decode attention reads it directly (attention implementation '{ATTN_IMPL}')" if plan.fused
+                   else ""))
         get_logger().info(f"{plan.mode.value}: {what} (generate() builds it; ds_quant.kv_cache.make_kv_cache "
                           "for explicit use)")
     return plan
@@ -245,8 +264,7 @@ def records(model) -> dict[str, dict]:
         s = plan.stats.get(idx)
         if s is None or s.key is None:
             continue
-        out[name] = {"kind": "kv", "layer_idx": idx, "model_heads": plan.model_heads, "heads": int(s.key.numel()),
-                     "key_head_amax": s.key.tolist(), "value_head_amax": s.value.tolist(), "samples": s.tokens}
+        out[name] = kv_record(idx, plan.model_heads, s.key.tolist(), s.value.tolist(), s.tokens)
     return out
 
 
@@ -281,8 +299,9 @@ def cpu_kernel() -> bool:
         from torch.utils import cpp_extension
 
         os.makedirs(build_dir, exist_ok=True)
-        cpp_extension.load(name="ds_quant_kv_cache_cpu", sources=[CSRC], extra_cflags=["-O3", f"-march={march}"],
-                           build_directory=build_dir, is_python_module=False, verbose=False)
+        # -fopenmp: at::parallel_for splits the de-quantization over the rank's threads (without it, one thread)
+        cpp_extension.load(name="ds_quant_kv_cache_cpu", sources=[CSRC], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False, verbose=False)
         return True
     except Exception as e:  # no compiler: the reference runs, slower, and the log says why
         msg = str(e).strip().splitlines()[-1][:200] if str(e) else ""
@@ -308,11 +327,116 @@ def append_tokens(q_fp8: torch.Tensor, new_fp8: torch.Tensor) -> torch.Tensor:
     return base[:, :, :s + n]
 
 
+class Fp8KVTensor(torch.Tensor):
+    """The FP8 cache of one layer standing in for its de-quantized (B, H, S, D) tensor: `fp8` (a view of the cache's
+    buffer) and `scale`. `ds_quant_kv` reads the bytes; every other operation sees `dequantize()`."""
+
+    @staticmethod
+    def __new__(cls, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, fp8.shape, dtype=dtype, device=fp8.device,
+                                                   requires_grad=False)
+
+    def __init__(self, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        self.fp8, self.scale = fp8, float(scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_kv(self.fp8, self.scale, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Fp8KVTensor(shape={tuple(self.shape)}, {self.fp8.dtype} -> {self.dtype}, scale={self.scale})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        plain = lambda t: t.dequantize() if isinstance(t, Fp8KVTensor) else t  # noqa: E731
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
+def _fusable(module, query, key, value, mask, dropout, kwargs) -> bool:
+    """One query token, FP8 K and V of the same layout, a mask the kernel implements (none, or (1|B, 1, 1, S) bool
+    or additive), nothing the kernel does not do (dropout, sliding window, soft-capping, sinks)."""
+    if not (isinstance(key, Fp8KVTensor) and isinstance(value, Fp8KVTensor)) or query.dim() != 4 or \
+            query.shape[2] != 1 or query.device.type != "cpu" or dropout or getattr(module, "training", False):
+        return False
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")) or \
+            getattr(module, "sinks", None) is not None:
+        return False
+    b, hq, _, d = query.shape
+    _, hkv, s, dk = key.shape
+    if dk != d or hkv == 0 or hq % hkv or key.fp8.stride(3) != 1 or key.fp8.stride(2) != d or \
+            value.fp8.stride(3) != 1 or value.fp8.stride(2) != d or tuple(value.shape) != tuple(key.shape):
+        return False
+    return mask is None or (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1:3] == (1, 1) and
+                            mask.shape[3] == s and (mask.dtype == torch.bool or mask.is_floating_point()))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """`ds_quant_kv`: one decode step straight from the FP8 cache where it can (see `_fusable`), otherwise the
+    model's own implementation on the de-quantized tensors. Returns (output (B, S_q, H, D), None)."""
+    calls = getattr(module, _CALLS_ATTR, None)
+    if _fusable(module, query, key, value, attention_mask, dropout, kwargs):
+        s = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.ds_quant_kv.decode_attention(query, key.fp8, key.scale, value.fp8, value.scale,
+                                                      attention_mask, s)
+        if calls is not None:
+            calls["fused"] += 1
+        return out, None
+    if calls is not None:
+        calls["fallback"] += 1
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    key = key.dequantize() if isinstance(key, Fp8KVTensor) else key
+    value = value.dequantize() if isinstance(value, Fp8KVTensor) else value
+    fallback = ALL_ATTENTION_FUNCTIONS[getattr(module, _FALLBACK_ATTR, "sdpa")]
+    return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def install_attention(model) -> bool:
+    """Route the model's attention through `ds_quant_kv` (CPU, the kernel built, attention `sdpa`,
+    DS_QUANT_KV_ATTENTION not 0). False: reads de-quantize, as before."""
+    text = _text_config(model)
+    impl = getattr(text, "_attn_implementation", None)
+    if os.environ.get("DS_QUANT_KV_ATTENTION", "1") == "0" or impl not in ("sdpa", ATTN_IMPL):
+        return False
+    params = next(iter(model.parameters()), None)
+    if params is not None and params.device.type not in ("cpu", "meta"):
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # a transformers without the attention interface
+        return False
+    if not cpu_kernel():
+        return False
+    AttentionInterface.register(ATTN_IMPL, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # None or a bool mask
+    for m in model.modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower():
+            setattr(m, _FALLBACK_ATTR, "sdpa")
+            setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
+    text._attn_implementation = ATTN_IMPL
+    return True
+
+
+def attention_calls(model) -> dict[str, int]:
+    """How many attention calls of a prepared model `ds_quant_kv` ran from the FP8 cache ("fused") and how many it
+    handed to the model's own implementation ("fallback"), summed over layers (tests, the bench, debugging)."""
+    out = {"fused": 0, "fallback": 0}
+    for m in model.modules():
+        for k, v in (getattr(m, _CALLS_ATTR, None) or {}).items():
+            out[k] += v
+    return out
+
+
 class _Fp8KV:
     """Mixed into transformers' `Fp8QuantizedLayer` (5.x) or `DynamicLayer` (4.57): see the module docstring.
     `_quantized_keys` / `_quantized_values`: (FP8 tensor (B, H, S, D), float scale)."""
 
     is_croppable = True
+    fused = False  # reads return Fp8KVTensors (set by KVPlan.layer when `ds_quant_kv` runs the model's attention)
 
     def __init__(self, k_scale: float | None, v_scale: float | None, dtype: torch.dtype, limit: float,
                  backoff: float):
@@ -351,6 +475,9 @@ class _Fp8KV:
         self._quantized_values = (append_tokens(qv, self._quantize(value_states, vs)), vs)
         if first:  # the prompt attends to itself as it came, as in transformers' FP8 layer
             return key_states, value_states
+        if self.fused and key_states.device.type == "cpu" and cpu_kernel():
+            return (Fp8KVTensor(*self._quantized_keys, self.dtype),
+                    Fp8KVTensor(*self._quantized_values, self.dtype))
         return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
 
     def get_seq_length(self) -> int:

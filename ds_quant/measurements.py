@@ -249,119 +249,92 @@ def _validate(doc, where: str) -> None:
         raise MeasurementError(f"{where}: header 'world_size' is {doc['world_size']!r}, expected an integer >= 1")
     if doc["kind"] == "shard" and not (isinstance(doc.get("rank"), int) and 0 <= doc["rank"] < doc["world_size"]):
         raise MeasurementError(f"{where}: shard 'rank' is {doc.get('rank')!r}, expected 0..{doc['world_size'] - 1}")
-    if not isinstance(doc["layers"], dict):
-        raise MeasurementError(f"{where}: 'layers' must be an object of layer name -> statistics")
-    for name, rec in doc["layers"].items():
-        _validate_layer(name, rec, doc["kind"], where)
     for section in SECTIONS.values():
         section.validate(doc.get(section.key, {}), doc["kind"], where)
 
 
 # -- record kinds ----------------------------------------------------------------------------------------------
-# A file holds one section per record kind: "layers" (linears and expert projections: the hot path, validated and
-# merged by _validate_layer / _merge_layer below, 64,000 records for 64 ranks x 1,000 layers), and the sections of
-# SECTIONS, each a `Section` with its required keys, its per-record check and its merge rule. Files written before
-# a section existed have none, and load as before.
+# The file schema, defined once. A file holds one section per record kind: "layers" (linears and expert
+# projections: the hot path, 64,000 records for 64 ranks x 1,000 layers), "kv" (the KV cache) and "attention" (q.kT,
+# p.v, softmax). Each is a `Section` (SECTIONS): its records' kinds, required and optional keys, the check of one
+# record and the merge rule of one layer's records over the ranks. Producers build records with the constructors
+# below (`linear_record`, `kv_record`, `attention_record`), never with key lists of their own; readers validate with
+# the same table. Files written before a section existed have none, and load as before.
 class Section(NamedTuple):  # not a dataclass: this file also loads on its own, outside the package
     key: str  # the file's section name
-    kind: str  # every record's "kind"
-    what: str  # for messages: "KV cache", "attention"
+    kinds: tuple[str, ...]  # every record's "kind" is one of these
+    what: str  # for messages: "layer", "KV cache", "attention"
     keys: tuple[str, ...]  # required in every record
+    optional: tuple[str, ...]  # may be present (absent in older files)
     check: Callable[[str, dict, str, str], None]  # (name, record, file kind, where): raise MeasurementError
-    merge: Callable[[str, list[dict]], dict]  # one record per rank, rank order -> the model's
+    merge: Callable[[str, list[dict], bool], dict]  # (name, one record per rank in rank order, lists) -> the model's
+    required: bool = False  # every file has this section (possibly empty)
+
+    @property
+    def key_set(self) -> frozenset[str]:
+        return _KEY_SETS[self.key]
 
     def validate(self, records, file_kind: str, where: str) -> None:
         if not isinstance(records, dict):
             raise MeasurementError(f"{where}: '{self.key}' must be an object of {self.what} name -> statistics")
+        keys, kinds, check = self.key_set, self.kinds, self.check
         for name, rec in records.items():
-            missing = [k for k in self.keys if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                raise MeasurementError(f"{where}: {self.what} '{name}' has no '{missing[0]}'")
-            if rec["kind"] != self.kind:
-                raise MeasurementError(f"{where}: {self.what} '{name}': kind {rec['kind']!r}, expected '{self.kind}'")
-            self.check(name, rec, file_kind, where)
+            # Runs once per record per shard: the cheap checks first, messages only on failure.
+            if type(rec) is not dict or not rec.keys() >= keys:
+                missing = next(k for k in self.keys if not isinstance(rec, dict) or k not in rec)
+                raise MeasurementError(f"{where}: {self.what} '{name}' has no '{missing}'")
+            if rec["kind"] not in kinds:
+                expected = kinds[0] if len(kinds) == 1 else f"one of {', '.join(kinds)}"
+                raise MeasurementError(f"{where}: {self.what} '{name}': kind {rec['kind']!r} is not {expected}")
+            check(name, rec, file_kind, where)
 
-    def merge_shards(self, shards: list[Mapping], where: str) -> dict | None:
-        names = [set(s.get(self.key, {})) for s in shards]
-        if any(n != names[0] for n in names):
-            raise MeasurementError(f"{where}: shards hold {self.what} records of different layers: "
-                                   f"{sorted(set.union(*names) - set.intersection(*names))[:5]}")
-        if not names[0]:
+    def merge_shards(self, shards: list[Mapping], where: str, lists: bool = True) -> dict | None:
+        names = [s.get(self.key, {}).keys() for s in shards]
+        for s, n in zip(shards[1:], names[1:], strict=True):
+            if n != names[0]:
+                diff = sorted(set(n) ^ set(names[0]))
+                raise MeasurementError(f"{where}: shard of rank {s['rank']} has other {self.what} records than rank "
+                                       f"0: {diff[:5]}")
+        if not names[0] and not self.required:
             return None
-        return {n: self.merge(n, [s[self.key][n] for s in shards]) for n in shards[0][self.key]}
+        return {n: self.merge(n, [s[self.key][n] for s in shards], lists) for n in shards[0].get(self.key, {})}
 
 
 def _finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
-# KV-cache records (ds_quant/kv_cache.py), section "kv": per layer, the per-head max-abs of keys and values; a shard
-# holds this rank's heads, the merged file all of the model's.
-KV_KEYS = ("kind", "layer_idx", "model_heads", "heads", "key_head_amax", "value_head_amax", "samples")
-
-
-def _check_kv(name: str, rec: dict, file_kind: str, where: str) -> None:
-    for key in ("key_head_amax", "value_head_amax"):
-        v = rec[key]
-        if not (isinstance(v, list) and len(v) == rec["heads"] and all(_finite_number(x) for x in v)):
-            raise MeasurementError(f"{where}: KV cache '{name}': {key} must be {rec['heads']} finite numbers >= 0")
-    if file_kind == "merged" and rec["heads"] != rec["model_heads"]:
-        raise MeasurementError(f"{where}: KV cache '{name}': {rec['heads']} heads in a merged file, the model has "
-                               f"{rec['model_heads']}")
-
-
-def merge_kv(name: str, recs: list[dict]) -> dict:
-    """One layer's KV records of ranks 0..N-1 -> the model's: AutoTP gives each rank a contiguous run of the KV
-    heads, in rank order, so the per-head vectors concatenate; heads replicated on every rank (fewer KV heads than
-    ranks) take the max."""
-    first, heads = recs[0], [r["heads"] for r in recs]
-    if sum(heads) == first["model_heads"]:
-        join = lambda key: [x for r in recs for x in r[key]]  # noqa: E731
-    elif all(h == first["model_heads"] for h in heads):
-        join = lambda key: np.max([r[key] for r in recs], axis=0).tolist()  # noqa: E731
-    else:
-        raise MeasurementError(f"KV cache '{name}': ranks hold {heads} heads, the model {first['model_heads']}: "
-                               "neither a split nor a replication of the heads")
-    return {"kind": "kv", "layer_idx": first["layer_idx"], "model_heads": first["model_heads"],
-            "heads": first["model_heads"], "key_head_amax": join("key_head_amax"),
-            "value_head_amax": join("value_head_amax"), "samples": max(r["samples"] for r in recs)}
-
-
-# Attention records (ds_quant/attention.py), section "attention": per attention module, the max-abs of the query,
-# key, value and softmax output over this rank's heads; the model's is the max over ranks (per-tensor scales, the
-# same at every TP size).
-ATTENTION_KEYS = ("kind", "q_amax", "k_amax", "v_amax", "p_amax", "samples")
-
-
-def _check_attention(name: str, rec: dict, file_kind: str, where: str) -> None:
-    for key in ATTENTION_KEYS[1:5]:
-        if not _finite_number(rec[key]):
-            raise MeasurementError(f"{where}: attention '{name}': {key} is {rec[key]!r}, expected a finite number >= 0")
-
-
-def merge_attention(name: str, recs: list[dict]) -> dict:
-    return {"kind": "attention", **{k: max(r[k] for r in recs) for k in ATTENTION_KEYS[1:]}}
-
-
-SECTIONS = {s.key: s for s in (
-    Section("kv", "kv", "KV cache", KV_KEYS, _check_kv, merge_kv),
-    Section("attention", "attention", "attention", ATTENTION_KEYS, _check_attention, merge_attention),
-)}
-
-
-_LAYER_KEYS = ("kind", "in_features", "out_features", "input_amax", "samples")
-_LAYER_KEY_SET = frozenset(_LAYER_KEYS)
+# Linear records, section "layers": per linear (and per expert projection), its full shape, the max-abs of its
+# input (per tensor and per input channel), output and weight. A shard holds what this rank saw: its input slice
+# (`local_in_features` channels of a split input, by DeepSpeed's `partition_sizes`); the merged file the model's.
+LINEAR_KEYS = ("kind", "in_features", "out_features", "input_amax", "samples")
+# What an observer measures (observers.MaxAbsObserver.stats): None where `measure_exclude` left it out.
+LINEAR_STATS = ("input_amax", "input_channel_amax", "output_amax", "weight_amax", "samples", "nonfinite_inputs")
+LINEAR_OPTIONAL = ("input_channel_amax", "output_amax", "weight_amax", "nonfinite_inputs", "local_in_features",
+                   "partition_sizes")
 _AMAX_KEYS = ("input_amax", "output_amax", "weight_amax")
 _NUMBER = (int, float)  # a bool is not a number here
 
 
-def _validate_layer(name: str, rec, file_kind: str, where: str) -> None:
-    # Runs once per layer per shard (64,000 times for 64 ranks x 1,000 layers): cheap checks first.
-    if type(rec) is not dict or not rec.keys() >= _LAYER_KEY_SET:
-        missing = next(k for k in _LAYER_KEYS if not isinstance(rec, dict) or k not in rec)
-        raise MeasurementError(f"{where}: layer '{name}' has no '{missing}'")
-    if rec["kind"] not in KINDS:
-        raise MeasurementError(f"{where}: layer '{name}': kind {rec['kind']!r} is not one of {', '.join(KINDS)}")
+def linear_record(kind: str, in_features: int | None, out_features: int | None, stats: Mapping, *,
+                  local_in_features: int | None = None, partition_sizes=None) -> dict:
+    """A linear's record. `stats`: the observer's keys (LINEAR_STATS; `nonfinite_inputs` may be absent, as in
+    files imported from HQT). `local_in_features` / `partition_sizes`: a shard's input slice (omitted in a merged
+    record, and for records made from another tool's model-level statistics)."""
+    if kind not in KINDS:
+        raise MeasurementError(f"linear record kind {kind!r} is not one of {', '.join(KINDS)}")
+    unknown = set(stats) - set(LINEAR_STATS)
+    if unknown or "input_amax" not in stats or "samples" not in stats:
+        raise MeasurementError(f"linear record statistics have keys {sorted(stats)}, expected {list(LINEAR_STATS)}")
+    rec = {"kind": kind, "in_features": in_features, "out_features": out_features}
+    if local_in_features is not None:
+        rec["local_in_features"] = local_in_features
+        rec["partition_sizes"] = list(partition_sizes or [])
+    rec.update({k: stats[k] for k in LINEAR_STATS if k in stats})
+    return rec
+
+
+def _check_linear(name: str, rec: dict, file_kind: str, where: str) -> None:
     for key in _AMAX_KEYS:
         v = rec.get(key)
         if v is None or (type(v) in _NUMBER and 0 <= v < math.inf):  # NaN fails 0 <= v
@@ -387,6 +360,134 @@ def _validate_layer(name: str, rec, file_kind: str, where: str) -> None:
             from None
     if arr.size and not (np.isfinite(arr).all() and (arr >= 0).all()):
         raise MeasurementError(f"{where}: layer '{name}': input_channel_amax holds a negative or non-finite value")
+
+
+def _max_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else max(values)
+
+
+def _split_input_kinds() -> frozenset[str]:
+    # Which kinds saw only a slice of the input comes from tp.py's table. Imported here, not at the top, so this
+    # file loads on its own (no torch, no package), as the kill-mid-write test loads it.
+    from .tp import SPLIT_INPUT_KINDS
+
+    return SPLIT_INPUT_KINDS
+
+
+def merge_linear(name: str, recs: list[dict], lists: bool = True) -> dict:
+    """One linear's records of ranks 0..N-1 -> the model's. lists=False: the channel vector stays a float32
+    array, for a merge that goes straight to a file."""
+    first = recs[0]
+    kind = first["kind"]
+    vectors = [r.get("input_channel_amax") for r in recs]
+    if any(v is None for v in vectors):
+        channels = None
+    elif kind in _split_input_kinds():
+        # Each rank saw its own slice of the input; place the slices by DeepSpeed's partition sizes.
+        sizes = first["partition_sizes"]
+        if [len(v) for v in vectors] != list(sizes):
+            raise MeasurementError(f"layer '{name}': slice lengths {[len(v) for v in vectors]} do not match "
+                                   f"partition sizes {sizes}")
+        channels = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
+    else:
+        # Replicated input: every rank saw the same channels.
+        if len({len(v) for v in vectors}) != 1:
+            raise MeasurementError(f"layer '{name}': {kind} input is replicated, but ranks saw "
+                                   f"{[len(v) for v in vectors]} channels")
+        channels = np.asarray(vectors, dtype=np.float32).max(axis=0)
+    return {"kind": kind, "in_features": first["in_features"], "out_features": first["out_features"],
+            "input_amax": _max_or_none([r["input_amax"] for r in recs]),
+            "input_channel_amax": channels.tolist() if lists and channels is not None else channels,
+            "output_amax": _max_or_none([r.get("output_amax") for r in recs]),
+            "weight_amax": _max_or_none([r.get("weight_amax") for r in recs]),
+            "samples": max(r["samples"] for r in recs),
+            **_merged_nonfinite(kind, recs)}
+
+
+def _merged_nonfinite(kind: str, recs: list[dict]) -> dict:
+    """NaN/Inf input values the layer saw: summed over the slices of a split input, the max over ranks of a
+    replicated one (every rank saw the same values). Absent in files written before the count existed."""
+    counts = [r.get("nonfinite_inputs") for r in recs]
+    if any(c is None for c in counts):
+        return {}
+    return {"nonfinite_inputs": sum(counts) if kind in _split_input_kinds() else max(counts)}
+
+
+# KV-cache records (ds_quant/kv_cache.py), section "kv": per layer, the per-head max-abs of keys and values; a shard
+# holds this rank's heads, the merged file all of the model's.
+KV_KEYS = ("kind", "layer_idx", "model_heads", "heads", "key_head_amax", "value_head_amax", "samples")
+
+
+def kv_record(layer_idx: int, model_heads: int, key_head_amax: list[float], value_head_amax: list[float],
+              samples: int) -> dict:
+    """One layer's KV-cache record: the per-head max-abs of the keys and values this rank's heads stored."""
+    if len(key_head_amax) != len(value_head_amax):
+        raise MeasurementError(f"kv record of layer {layer_idx}: {len(key_head_amax)} key heads, "
+                               f"{len(value_head_amax)} value heads")
+    return {"kind": "kv", "layer_idx": int(layer_idx), "model_heads": int(model_heads), "heads": len(key_head_amax),
+            "key_head_amax": [float(x) for x in key_head_amax], "value_head_amax": [float(x) for x in value_head_amax],
+            "samples": int(samples)}
+
+
+def _check_kv(name: str, rec: dict, file_kind: str, where: str) -> None:
+    for key in ("key_head_amax", "value_head_amax"):
+        v = rec[key]
+        if not (isinstance(v, list) and len(v) == rec["heads"] and all(_finite_number(x) for x in v)):
+            raise MeasurementError(f"{where}: KV cache '{name}': {key} must be {rec['heads']} finite numbers >= 0")
+    if file_kind == "merged" and rec["heads"] != rec["model_heads"]:
+        raise MeasurementError(f"{where}: KV cache '{name}': {rec['heads']} heads in a merged file, the model has "
+                               f"{rec['model_heads']}")
+
+
+def merge_kv(name: str, recs: list[dict], lists: bool = True) -> dict:
+    """One layer's KV records of ranks 0..N-1 -> the model's: AutoTP gives each rank a contiguous run of the KV
+    heads, in rank order, so the per-head vectors concatenate; heads replicated on every rank (fewer KV heads than
+    ranks) take the max."""
+    first, heads = recs[0], [r["heads"] for r in recs]
+    if sum(heads) == first["model_heads"]:
+        join = lambda key: [x for r in recs for x in r[key]]  # noqa: E731
+    elif all(h == first["model_heads"] for h in heads):
+        join = lambda key: np.max([r[key] for r in recs], axis=0).tolist()  # noqa: E731
+    else:
+        raise MeasurementError(f"KV cache '{name}': ranks hold {heads} heads, the model {first['model_heads']}: "
+                               "neither a split nor a replication of the heads")
+    return kv_record(first["layer_idx"], first["model_heads"], join("key_head_amax"), join("value_head_amax"),
+                     max(r["samples"] for r in recs))
+
+
+# Attention records (ds_quant/attention.py), section "attention": per attention module, the max-abs of the query,
+# key, value and softmax output over this rank's heads; the model's is the max over ranks (per-tensor scales, the
+# same at every TP size).
+ATTENTION_OPERANDS = ("q", "k", "v", "p")
+ATTENTION_KEYS = ("kind", *(f"{op}_amax" for op in ATTENTION_OPERANDS), "samples")
+
+
+def attention_record(amax: Mapping[str, float], samples: int) -> dict:
+    """One attention module's record: `amax` per operand (q, k, v, p)."""
+    if set(amax) != set(ATTENTION_OPERANDS):
+        raise MeasurementError(f"attention record operands {sorted(amax)}, expected {list(ATTENTION_OPERANDS)}")
+    return {"kind": "attention", **{f"{op}_amax": float(amax[op]) for op in ATTENTION_OPERANDS},
+            "samples": int(samples)}
+
+
+def _check_attention(name: str, rec: dict, file_kind: str, where: str) -> None:
+    for key in ATTENTION_KEYS[1:-1]:
+        if not _finite_number(rec[key]):
+            raise MeasurementError(f"{where}: attention '{name}': {key} is {rec[key]!r}, expected a finite number >= 0")
+
+
+def merge_attention(name: str, recs: list[dict], lists: bool = True) -> dict:
+    return attention_record({op: max(r[f"{op}_amax"] for r in recs) for op in ATTENTION_OPERANDS},
+                            max(r["samples"] for r in recs))
+
+
+LINEAR = Section("layers", KINDS, "layer", LINEAR_KEYS, LINEAR_OPTIONAL, _check_linear, merge_linear, required=True)
+SECTIONS = {s.key: s for s in (
+    LINEAR,
+    Section("kv", ("kv",), "KV cache", KV_KEYS, (), _check_kv, merge_kv),
+    Section("attention", ("attention",), "attention", ATTENTION_KEYS, (), _check_attention, merge_attention),
+)}
+_KEY_SETS = {s.key: frozenset(s.keys) for s in SECTIONS.values()}
 
 
 # -- documents -----------------------------------------------------------------------------------------
@@ -436,69 +537,14 @@ def _merge(shards: Iterable[Mapping], where: str, lists: bool) -> dict:
             if s.get(key) != shards[0].get(key):
                 raise MeasurementError(f"{where}: shard of rank {s['rank']} has {key}={s.get(key)!r}, "
                                        f"rank 0 has {shards[0].get(key)!r}; shards come from different runs")
-    for s in shards[1:]:
-        if s["layers"].keys() != shards[0]["layers"].keys():
-            diff = sorted(set(s["layers"]) ^ set(shards[0]["layers"]))
-            raise MeasurementError(f"{where}: shard of rank {s['rank']} has other layers than rank 0: {diff[:5]}")
-    merged = {name: _merge_layer(name, [s["layers"][name] for s in shards], lists) for name in shards[0]["layers"]}
-    head = _header("merged", shards[0]["observer"], shards[0]["dtype"], world, merged)
+    merged = {key: recs for key, section in SECTIONS.items()
+              if (recs := section.merge_shards(shards, where, lists)) is not None}
+    head = _header("merged", shards[0]["observer"], shards[0]["dtype"], world, merged["layers"])
     head["created"] = shards[0]["created"]  # keep merges byte-identical for the same shards
     if shards[0].get("run") is not None:
         head["run"] = shards[0]["run"]
-    for section in SECTIONS.values():
-        records = section.merge_shards(shards, where)
-        if records is not None:
-            head[section.key] = records
-    return {**head, "layers": merged}
-
-
-def _max_or_none(values: list) -> float | None:
-    return None if any(v is None for v in values) else max(values)
-
-
-def _split_input_kinds() -> frozenset[str]:
-    # Which kinds saw only a slice of the input comes from tp.py's table. Imported here, not at the top, so this
-    # file loads on its own (no torch, no package), as the kill-mid-write test loads it.
-    from .tp import SPLIT_INPUT_KINDS
-
-    return SPLIT_INPUT_KINDS
-
-
-def _merge_layer(name: str, recs: list[dict], lists: bool = True) -> dict:
-    first = recs[0]
-    kind = first["kind"]
-    vectors = [r.get("input_channel_amax") for r in recs]
-    if any(v is None for v in vectors):
-        channels = None
-    elif kind in _split_input_kinds():
-        # Each rank saw its own slice of the input; place the slices by DeepSpeed's partition sizes.
-        sizes = first["partition_sizes"]
-        if [len(v) for v in vectors] != list(sizes):
-            raise MeasurementError(f"layer '{name}': slice lengths {[len(v) for v in vectors]} do not match "
-                                   f"partition sizes {sizes}")
-        channels = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
-    else:
-        # Replicated input: every rank saw the same channels.
-        if len({len(v) for v in vectors}) != 1:
-            raise MeasurementError(f"layer '{name}': {kind} input is replicated, but ranks saw "
-                                   f"{[len(v) for v in vectors]} channels")
-        channels = np.asarray(vectors, dtype=np.float32).max(axis=0)
-    return {"kind": kind, "in_features": first["in_features"], "out_features": first["out_features"],
-            "input_amax": _max_or_none([r["input_amax"] for r in recs]),
-            "input_channel_amax": channels.tolist() if lists and channels is not None else channels,
-            "output_amax": _max_or_none([r.get("output_amax") for r in recs]),
-            "weight_amax": _max_or_none([r.get("weight_amax") for r in recs]),
-            "samples": max(r["samples"] for r in recs),
-            **_merged_nonfinite(kind, recs)}
-
-
-def _merged_nonfinite(kind: str, recs: list[dict]) -> dict:
-    """NaN/Inf input values the layer saw: summed over the slices of a split input, the max over ranks of a
-    replicated one (every rank saw the same values). Absent in files written before the count existed."""
-    counts = [r.get("nonfinite_inputs") for r in recs]
-    if any(c is None for c in counts):
-        return {}
-    return {"nonfinite_inputs": sum(counts) if kind in _split_input_kinds() else max(counts)}
+    layers = merged.pop("layers")
+    return {**head, **merged, "layers": layers}
 
 
 # -- offline merge (`ds-quant merge PREFIX`) -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from . import ops
 from .config import ActScope, MeasureExclude
 from .layer_spec import LayerSpec, outlier_split, require_spec
+from .measurements import linear_record
 from .observers import HessianObserver, MaxAbsObserver
 from .scales import Act, quantize_weight, tensor_to_amax
 from .tp import Kind, TPLayout
@@ -87,9 +88,8 @@ class MeasuredLinear(_TwinLinear):
 
     def stats(self) -> dict:
         out_full, in_full = self.layout.full_shape(self.out_features, self.in_features)
-        return {"kind": self.layout.kind.value, "in_features": in_full, "out_features": out_full,
-                "local_in_features": self.in_features, "partition_sizes": list(self.layout.partition_sizes),
-                **self.observer.stats(self.weight)}
+        return linear_record(self.layout.kind.value, in_full, out_full, self.observer.stats(self.weight),
+                             local_in_features=self.in_features, partition_sizes=self.layout.partition_sizes)
 
     def extra_repr(self) -> str:
         return f"{self.layout.kind.value}, in={self.in_features}, out={self.out_features}, samples={self.observer.samples}"

@@ -29,8 +29,15 @@ class MaxAbsObserver:
     def observe_input(self, x_local: torch.Tensor) -> None:
         self.samples += x_local.shape[:-1].numel()
         if self.measure_input:
-            x_local = self._finite(x_local)
-            torch.maximum(self.input_channel_amax, channel_amax(x_local), out=self.input_channel_amax)
+            if x_local.device.type == "cpu":
+                # NaN and Inf propagate into their channel's max: one pass finds whether there are any, and only
+                # then are they counted and masked (three more passes, 17 % of a 512 x 5504 x 4096 bf16 GEMM).
+                amax = channel_amax(x_local)
+                if not bool(torch.isfinite(amax).all()):
+                    amax = channel_amax(self._finite(x_local))
+            else:  # no host sync in a GPU forward: count and mask always
+                amax = channel_amax(self._finite(x_local))
+            torch.maximum(self.input_channel_amax, amax, out=self.input_channel_amax)
 
     def observe_output(self, y: torch.Tensor) -> None:
         if self.measure_output:

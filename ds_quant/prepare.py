@@ -333,13 +333,17 @@ def _save_at_exit(model: nn.Module) -> None:
         if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()) and \
                 kv_cache.plan_of(m) is None:
             return
-        import torch.distributed as dist
+        import torch.distributed as tdist
 
-        if any(x.layout.tp_size > 1 for x in measured) and not (dist.is_available() and dist.is_initialized()):
+        if any(x.layout.tp_size > 1 for x in measured) and not (tdist.is_available() and tdist.is_initialized()):
             get_logger().warning("exit: the process group is gone, cannot gather shards; call "
                                  "ds_quant.finish_measurements(model) before destroying it")
             return
         with torch.no_grad():
             finish_measurements(m)
+        # The script is over, and this handler just ran collectives: end the process group in order now (barrier,
+        # destroy), or a gloo thread still holding the last gather can abort the finalising interpreter
+        # ("terminate called without an active exception", rc -6 on a rank) after a run that succeeded.
+        dist.shutdown()
 
     atexit.register(finish)

@@ -97,6 +97,12 @@ def main() -> None:
     res["greedy_agree_kv_vs_weights"] = f"{int((gens['fp8_weights_kv'] == gens['fp8_weights']).sum())}/" \
                                         f"{gens['fp8_weights'].numel()}"
     res["greedy_prompts_identical"] = int((gens["fp8_weights_kv"] == gens["fp8_weights"]).all(dim=1).sum())
+    # the scale of that figure: how far FP8 weights alone move the same generations from bf16
+    res["greedy_agree_weights_vs_bf16"] = f"{int((gens['fp8_weights'] == gens['bf16']).sum())}/{gens['bf16'].numel()}"
+    res["greedy_first_divergence"] = {  # generated position where each prompt first differs (24: never)
+        pair: [int(r.nonzero()[0]) if r.any() else gens["bf16"].shape[1] for r in (gens[a] != gens[b])]
+        for pair, (a, b) in {"kv_vs_weights": ("fp8_weights_kv", "fp8_weights"),
+                             "weights_vs_bf16": ("fp8_weights", "bf16")}.items()}
     res["world_size"], res["eval_tokens"] = world, int(evl.numel())
     if rank == 0:
         print(json.dumps(res, indent=1), flush=True)

@@ -152,5 +152,5 @@ def test_attention_records_validate_and_merge_by_max(tmp_path):
     path.write_text(json.dumps({**merged, "attention": {"a": {"kind": "attention", "q_amax": 1.0}}}))
     with pytest.raises(MeasurementError, match=r"attention 'a' has no 'k_amax'"):
         measurements.load(path)
-    with pytest.raises(MeasurementError, match="attention records of different layers"):
+    with pytest.raises(MeasurementError, match="shard of rank 1 has other attention records than rank 0"):
         measurements.merge([shards[0], {**shards[1], "attention": {}}])

@@ -35,5 +35,10 @@ def test_quick_bench_produces_every_key(tmp_path):
     assert res["minilm_cosine"] == tp["accuracy"]["minilm"]["mean_cosine"]
     assert set(res["cpu_gemm"]) == {f"{m}x2048x2048" for m in (1, 8, 64, 512)}
     assert res["meta"]["cpu"] and "isa_flags" in res["meta"] and "ISA:" in proc.stdout
+    from bench.gemm import llc_bytes
+
     for row in res["cpu_gemm"].values():  # every backend timed against bf16 in the same run
         assert row["auto_speed_vs_bf16"] == pytest.approx(row["bf16_s"] / row["auto_s"])
+        # each call reads its weight from DRAM: the rotated copies are twice the last-level cache or more
+        copies = row["weight_copies"]
+        assert copies["fp8"] * 2048 * 2048 >= 2 * llc_bytes() and copies["bf16"] * 2048 * 2048 * 2 >= 2 * llc_bytes()

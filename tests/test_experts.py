@@ -118,3 +118,29 @@ def test_transformers4_experts_are_linears_and_the_router_stays_high_precision(t
     assert [type(e).__name__ for e in model["moe"].experts] == ["MeasuredLinear"] * E
     assert type(model["moe"].gate) is torch.nn.Linear and type(model["lm_head"]).__name__ == "MeasuredLinear"
     assert [(n, c) for n, c, r in skipped_tp_layers(model) if r.startswith("MoE router")] == [("moe.gate", "Linear")]
+
+
+@pytest.mark.parametrize("arch, leaves", [("mixtral", ("w1", "w3", "w2")),
+                                          ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"))])
+def test_expert_layout_follows_transformers_conversion_mapping(arch, leaves):
+    """Where a fused block's experts lie in a folder (per-expert linears, as transformers 5 saves and loads them):
+    read from transformers' own conversion mapping, [gate; up] rows of gate_up_proj, down whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ds_quant.load import expert_layouts
+
+    extra = {"num_local_experts": E} if arch == "mixtral" else {"num_experts": E, "moe_intermediate_size": FF}
+    c = AutoConfig.for_model(arch, hidden_size=H, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_experts_per_tok=K, vocab_size=64, **extra)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(c)
+    layouts = expert_layouts(model)
+    assert sorted(layouts) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    lay = layouts["model.layers.1.mlp.experts"]
+    gate, up, down = leaves
+    assert lay.num_experts == E and lay.shapes == {"gate_up_proj": (2 * FF, H), "down_proj": (H, FF)}
+    assert lay.parts("gate_up_proj", 3) == [(f"model.layers.1.mlp.experts.3.{gate}", slice(0, FF)),
+                                            (f"model.layers.1.mlp.experts.3.{up}", slice(FF, 2 * FF))]
+    assert lay.parts("down_proj", 0) == [(f"model.layers.1.mlp.experts.0.{down}", slice(0, H))]
+    assert len(lay.all_parts()) == 3 * E

@@ -392,3 +392,56 @@ def test_a_rank_killed_mid_write_leaves_no_partial_file(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     assert json.loads((tmp_path / "stats.json").read_text()) == {"old": 1}
+
+
+# -- the schema: one Section per record kind, records built by its constructors ----------------------------------
+def test_every_record_kind_is_built_validated_and_merged_by_its_section(tmp_path):
+    """Linear, KV-cache and attention records made by the constructors the twins use round-trip through a shard
+    file per rank and merge by their kind's rule; every file section is a Section of the table."""
+    assert list(ms.SECTIONS) == ["layers", "kv", "attention"] and ms.SECTIONS["layers"] is ms.LINEAR
+    stats = lambda ch: {"input_amax": max(ch), "input_channel_amax": ch, "output_amax": 1.0,  # noqa: E731
+                        "weight_amax": 0.5, "samples": 3, "nonfinite_inputs": 1}
+    docs = []
+    for rank, (ch, heads) in enumerate((([1.0, 2.0, 3.0], [1.0, 4.0]), ([5.0, 0.5], [2.0]))):
+        lin = {"down": ms.linear_record("row", 5, 8, stats(ch), local_in_features=len(ch), partition_sizes=(3, 2))}
+        kv = {"l0.kv": ms.kv_record(0, 3, heads, [h / 2 for h in heads], 10 + rank)}
+        att = {"l0.attn": ms.attention_record({"q": 1.0 + rank, "k": 2.0, "v": 3.0, "p": 1.0}, 4)}
+        path = tmp_path / f"s{rank}.json"
+        ms.atomic_write_json(path, ms.make_shard(lin, rank, 2, "maxabs", "bfloat16", kv=kv, attention=att, run="r"))
+        docs.append(ms.load(path))
+    merged = ms.merge(docs)
+    assert merged["layers"]["down"]["input_channel_amax"] == [1.0, 2.0, 3.0, 5.0, 0.5]
+    assert merged["layers"]["down"]["nonfinite_inputs"] == 2  # split input: the slices' counts add up
+    assert merged["kv"]["l0.kv"]["key_head_amax"] == [1.0, 4.0, 2.0] and merged["kv"]["l0.kv"]["heads"] == 3
+    assert merged["attention"]["l0.attn"]["q_amax"] == 2.0
+    for key, section in ms.SECTIONS.items():  # each merged record has its section's keys, and only known ones
+        for rec in merged[key].values():
+            assert set(section.keys) <= set(rec) <= set(section.keys) | set(section.optional), (key, sorted(rec))
+    path = tmp_path / "merged.json"
+    ms.atomic_write_json(path, merged)
+    assert ms.load(path)["kv"] == merged["kv"]
+
+
+def test_record_constructors_refuse_what_the_schema_does_not_hold():
+    ok = {"input_amax": 1.0, "input_channel_amax": None, "output_amax": None, "weight_amax": None, "samples": 0}
+    with pytest.raises(MeasurementError, match="kind 'fused' is not one of column, row, lm-head, plain"):
+        ms.linear_record("fused", 4, 4, ok)
+    with pytest.raises(MeasurementError, match=r"statistics have keys .*'typo'"):
+        ms.linear_record("plain", 4, 4, {**ok, "typo": 1})
+    with pytest.raises(MeasurementError, match="2 key heads, 1 value heads"):
+        ms.kv_record(0, 2, [1.0, 2.0], [1.0], 1)
+    with pytest.raises(MeasurementError, match="operands"):
+        ms.attention_record({"q": 1.0, "k": 1.0}, 1)
+
+
+def test_a_file_from_before_the_sections_and_counts_existed_still_loads(tmp_path):
+    """Version-1 files of earlier releases: no kv / attention sections, no nonfinite_inputs, no local slice."""
+    old = {"format": ms.FORMAT, "version": 1, "kind": "merged", "observer": "maxabs", "dtype": "bfloat16",
+           "world_size": 2, "fingerprint": "0" * 16,
+           "layers": {"up": {"kind": "column", "in_features": 2, "out_features": 4, "input_amax": 2.0,
+                             "input_channel_amax": [1.0, 2.0], "output_amax": None, "weight_amax": 0.5,
+                             "samples": 7}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    doc = ms.load(path)
+    assert doc["layers"]["up"]["input_channel_amax"] == [1.0, 2.0] and "kv" not in doc and "attention" not in doc

@@ -6,7 +6,8 @@
 //
 //   gemv    (small M, decode): memory-bound, so read one byte per weight and widen it in registers:
 //           E4M3 byte -> fp16 bits by a 16-bit shift (value / 2^8, exact for normals and subnormals),
-//           F16C / AVX-512 fp16 -> fp32, FMA. Several output rows per pass share each activation load.
+//           F16C / AVX-512 fp16 -> fp32, FMA. Several output rows per pass share each activation load, and the
+//           next group of rows is prefetched while one runs.
 //           For M > 4 each weight row group is widened once into a small buffer and reused by every row of x.
 //   blocked (large M, prefill): compute-bound, so widen blocks of weight rows (exactly) to the dtype the
 //           native GEMM is fastest in (bf16 where oneDNN has bf16 hardware, fp32 otherwise) and call at::mm on
@@ -205,16 +206,30 @@ void widen_row_bf16(const uint8_t* src, uint16_t* dst, int64_t n) {
 }
 
 // ---- the small-M kernel --------------------------------------------------------------------------------------
+inline void prefetch(const void* p) {
+#if defined(DSQ_X86)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#elif defined(__GNUC__)
+  __builtin_prefetch(p);
+#endif
+}
+
 // Tile of MT rows of x times RT rows of w. `xf`: x widened to float, exact FP8 values (M, K).
 // WBYTES: w read as FP8 bytes and widened in registers; otherwise `wf` holds rows widened once (value / post).
+// `next`: the FP8 rows of the group after this one (nullptr: none), prefetched one cache line per row every 64
+// bytes of k. A row of a 4096-wide layer is one 4 KB page, where hardware prefetchers stop, so without this every
+// group starts RT cold streams: measured on a 32 MiB-L3 EPYC (4096^2, M=1, weights from DRAM) the GEMV streamed
+// ~20 GB/s without and ~29.5 GB/s with it, where bf16 streams ~28-32 GB/s.
 template <int MT, int RT, bool E4M3, bool WBYTES>
 inline void tile(const float* xf, int64_t ldx, const uint8_t* w8, const float* wf, int64_t ldw, int64_t K,
-                 float* acc_out /* [MT][RT] */) {
+                 float* acc_out /* [MT][RT] */, const uint8_t* next) {
   V16 acc[MT][RT];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < RT; ++r) acc[m][r] = vzero();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if (next != nullptr && (k & 63) == 0)
+      for (int r = 0; r < RT; ++r) prefetch(next + r * ldw + k);
     V16 w[RT];
     for (int r = 0; r < RT; ++r) w[r] = WBYTES ? widen16<E4M3>(w8 + r * ldw + k) : vload(wf + r * ldw + k);
     for (int m = 0; m < MT; ++m) {
@@ -260,14 +275,14 @@ inline void store(OutT* y, int64_t ldy, int64_t m0, int64_t n0, int mt, int rt, 
 // Dispatch a run-time tile height (1..kMT) to the templates.
 template <int RT, bool E4M3, bool WBYTES>
 inline void tile_m(int mt, const float* xf, int64_t ldx, const uint8_t* w8, const float* wf, int64_t ldw, int64_t K,
-                   float* acc) {
+                   float* acc, const uint8_t* next) {
   switch (mt) {
 #if defined(DSQ_AVX512)
-    case 4: tile<4, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc); break;
-    case 3: tile<3, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc); break;
-    case 2: tile<2, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc); break;
+    case 4: tile<4, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc, next); break;
+    case 3: tile<3, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc, next); break;
+    case 2: tile<2, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc, next); break;
 #endif
-    default: tile<1, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc); break;
+    default: tile<1, RT, E4M3, WBYTES>(xf, ldx, w8, wf, ldw, K, acc, next); break;
   }
 }
 
@@ -284,20 +299,27 @@ void gemv_impl(const float* xf, int64_t M, const uint8_t* w8, int64_t N, int64_t
       const int64_t n0 = g * kRT;
       const int rt = static_cast<int>(std::min<int64_t>(kRT, N - n0));
       const uint8_t* wrow = w8 + n0 * K;
-      if (widen_once)
-        for (int r = 0; r < rt; ++r) widen_row<E4M3>(wrow + r * K, wbuf.data() + r * K, K, 1.f);
+      // the next full group of this thread's range, prefetched while this one runs (see tile)
+      const uint8_t* next = g + 1 < g1 && n0 + 2 * kRT <= N ? wrow + kRT * K : nullptr;
+      if (widen_once) {
+        for (int r = 0; r < rt; ++r) {
+          if (next != nullptr)
+            for (int64_t k = 0; k < K; k += 64) prefetch(next + r * K + k);
+          widen_row<E4M3>(wrow + r * K, wbuf.data() + r * K, K, 1.f);
+        }
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kMT) {
         const int mt = static_cast<int>(std::min<int64_t>(kMT, M - m0));
         if (rt == kRT) {
           if (widen_once)
-            tile_m<kRT, E4M3, false>(mt, xf + m0 * K, K, nullptr, wbuf.data(), K, K, acc);
+            tile_m<kRT, E4M3, false>(mt, xf + m0 * K, K, nullptr, wbuf.data(), K, K, acc, nullptr);
           else
-            tile_m<kRT, E4M3, true>(mt, xf + m0 * K, K, wrow, nullptr, K, K, acc);
+            tile_m<kRT, E4M3, true>(mt, xf + m0 * K, K, wrow, nullptr, K, K, acc, m0 == 0 ? next : nullptr);
           store(y, N, m0, n0, mt, rt, acc, kRT, ep);
         } else {  // the last, partial group: one weight row at a time
           for (int r = 0; r < rt; ++r) {
             float a1[kMT];
-            tile_m<1, E4M3, true>(mt, xf + m0 * K, K, wrow + r * K, nullptr, K, K, a1);
+            tile_m<1, E4M3, true>(mt, xf + m0 * K, K, wrow + r * K, nullptr, K, K, a1, nullptr);
             store(y, N, m0, n0 + r, mt, 1, a1, 1, ep);
           }
         }
@@ -361,7 +383,12 @@ void dp_impl(const uint8_t* x8, int64_t M, const uint8_t* w8, int64_t N, int64_t
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * kDpRT;
       const int rt = static_cast<int>(std::min<int64_t>(kDpRT, N - n0));
-      for (int r = 0; r < rt; ++r) widen_row_bf16dp<E4M3>(w8 + (n0 + r) * K, wb.data() + r * kp, K, kp);
+      const bool next = g + 1 < g1 && n0 + 2 * kDpRT <= N;  // prefetch the next group's rows (see tile)
+      for (int r = 0; r < rt; ++r) {
+        if (next)
+          for (int64_t k = 0; k < K; k += 64) prefetch(w8 + (n0 + kDpRT + r) * K + k);
+        widen_row_bf16dp<E4M3>(w8 + (n0 + r) * K, wb.data() + r * kp, K, kp);
+      }
       for (int r = rt; r < kDpRT; ++r) std::fill(wb.begin() + r * kp, wb.begin() + (r + 1) * kp, 0);
       for (int64_t m0 = 0; m0 < M; m0 += kDpMT) {
         const int mt = static_cast<int>(std::min<int64_t>(kDpMT, M - m0));

@@ -1,7 +1,8 @@
 """Under `deepspeed --num_gpus N`: for each case of PLAN (JSON list of {name, bf16, fp8, config}), load the bf16
 folder and quantize in memory, then load the FP8 folder (from_pretrained on meta, AutoTP, each rank reads its
 slices), both through ds_quant.install() + deepspeed.init_inference; every rank writes OUT_{rank}.json with the
-logits' equality, what was on meta before init_inference, and each FP8 layer's type, dtype and local shape.
+logits' equality, what was on meta before init_inference, each FP8 layer's type, dtype and local shape, and each
+fused-experts block's type, dtypes and shapes (and whether its tensors are bitwise the in-memory twin's).
 
 A case with "quantize_on_load": true loads its "fp8" entry (then a bf16 folder) with DS_QUANT_QUANTIZE_ON_LOAD=1.
 
@@ -10,6 +11,7 @@ Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
 import json
 import os
 import sys
+import time
 
 import deepspeed
 import torch
@@ -35,18 +37,31 @@ def load(path):
         return model, model(ids).logits.float(), on_meta
 
 
+def experts_of(model):
+    return {n: m for n, m in model.named_modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")}
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
+
+
 results, references = {}, {}
 for case in plan:
+    start = time.perf_counter()
     ds_quant.install(case["config"])
     key = (case["bf16"], case["config"])  # in-memory QUANTIZE once per model and config
     if key not in references:
-        references[key] = load(case["bf16"])[1]
-    inmem = references[key]
+        ref_model, ref_logits, _ = load(case["bf16"])
+        references[key] = ref_logits, {n: m.state_dict() for n, m in experts_of(ref_model).items()}
+        del ref_model
+    inmem, inmem_experts = references[key]
     if case.get("quantize_on_load"):  # "fp8" is then the bf16 folder, quantized as each rank reads it
         os.environ[ds_quant.load.QUANTIZE_ON_LOAD_ENV] = "1"
     model, ckpt, on_meta = load(case["fp8"])
     os.environ.pop(ds_quant.load.QUANTIZE_ON_LOAD_ENV, None)
     results[case["name"]] = {
+        "seconds": time.perf_counter() - start,  # the in-memory reference (if not shared) and the load
         "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),
         "finite": bool(torch.isfinite(ckpt).all()), "params_on_meta_before_init_inference": on_meta,
         "params_on_meta_after": sum(p.device.type == "meta" for p in model.parameters()),
@@ -58,6 +73,12 @@ for case in plan:
                           for n, m in model.named_modules()
                           if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
                           and not isinstance(m, Fp8Linear) and "embed" not in n and "wte" not in n},
+        "experts": {n: {"type": type(m).__name__, "dtype": str(m.gate_up_proj.dtype),
+                        "shapes": [list(m.gate_up_proj.shape), list(m.down_proj.shape)],
+                        "scale_shape": list(getattr(m, "gate_up_proj_scale", torch.empty(0)).shape),
+                        "same_as_in_memory": sorted(m.state_dict()) == sorted(inmem_experts[n])
+                        and all(same(v, inmem_experts[n][k]) for k, v in m.state_dict().items())}
+                    for n, m in experts_of(model).items()},
     }
 with open(f"{out}_{rank}.json", "w") as f:
     json.dump(results, f, indent=1)
