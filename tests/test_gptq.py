@@ -333,10 +333,10 @@ def test_tp2_measures_the_hessians_tp1_does_and_quantizes_bitwise_the_same_weigh
     """One launch of tests/scripts/gptq_tp.py at TP=2 (q/k/v/gate/up split by rows; o/down/lm_head by input
     channels: their MEASURE inputs and QUANTIZE weights are all-gathered):
     - its Hessians are TP=1's on the same ids up to TP's bf16 sums in another order (relative Frobenius difference
-      measured <= 0.3 %, asserted <= 2 %; a rank's slice alone would not even have the right shape);
+      measured 0.7 % at worst, asserted <= 2 %; a rank's slice alone would not even have the right shape);
     - TP=1 QUANTIZE from the TP=2 files gives bitwise the FP8 weights both ranks hold together (codes, scales,
       outlier channels and their columns): the rounding is model-level;
-    - the TP=2 and TP=1 FP8 logits agree (TP's sums only): measured ~30 dB, asserted >= 20 dB."""
+    - the TP=2 and TP=1 FP8 logits agree (TP's sums only): measured 26.3 dB, asserted >= 20 dB."""
     from ds_quant.scales import sqnr_db
     from tests.launcher import ROOT, deepspeed
 
