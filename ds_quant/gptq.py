@@ -41,7 +41,8 @@ def hessian_add(h: torch.Tensor, x: torch.Tensor) -> None:
 def gptq_round(w_hp: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fmax: float,
                params: GptqParams | None = None, keep: torch.Tensor | None = None, name: str = "weight"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_fp8 (N, K) in `dtype`, keep_hp (N, len(keep)) float64, columns in ascending channel order): the FP8 codes of w_hp (N, K) under `scale`
+    """(w_fp8 (N, K) in `dtype`, keep_hp (N, len(keep)) float64, columns in ascending channel order): the FP8
+    codes of w_hp (N, K) under `scale`
     (() per tensor or (N,) per output channel, the convention of scales.py: w ≈ w_fp8 * scale), rounded by
     GPTQ with `hessian` (K, K); the `keep` columns (input channel indices) are 0 in w_fp8 and returned,
     error-compensated, in keep_hp. With a diagonal Hessian (uncorrelated inputs) this is RTN, exactly."""

