@@ -42,9 +42,8 @@ def gptq_round(w_hp: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, d
                params: GptqParams | None = None, keep: torch.Tensor | None = None, name: str = "weight"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_fp8 (N, K) in `dtype`, keep_hp (N, len(keep)) float64, columns in ascending channel order): the FP8
-    codes of w_hp (N, K) under `scale`
-    (() per tensor or (N,) per output channel, the convention of scales.py: w ≈ w_fp8 * scale), rounded by
-    GPTQ with `hessian` (K, K); the `keep` columns (input channel indices) are 0 in w_fp8 and returned,
+    codes of w_hp (N, K) under `scale` (() per tensor or (N,) per output channel, the convention of scales.py:
+    w ≈ w_fp8 * scale), rounded by GPTQ with `hessian` (K, K); the `keep` columns (input channel indices) are 0 in w_fp8 and returned,
     error-compensated, in keep_hp. With a diagonal Hessian (uncorrelated inputs) this is RTN, exactly."""
     params = GptqParams() if params is None else params
     n, k = w_hp.shape
