@@ -706,6 +706,32 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
         assert qwen["model.layers.1.mlp.experts"]["dtype"] == "torch.bfloat16"
 
 
+@pytest.mark.distributed
+def test_fp8_folder_at_tp4_equals_in_memory_quantize(work):
+    """The round trip at TP=4 (4 ranks on this machine's cores, ~25 s): GPT-NeoX (4 heads: one per rank; fused qkv
+    rows of three sub-parameters, biases, a bf16 lm_head read as slices) and the tiny Llama per channel with a
+    dynamic lm_head (2 KV heads over 4 ranks: DeepSpeed's own split), from their FP8 folders: logits bitwise equal
+    to in-memory QUANTIZE at TP=4."""
+    w, cases = work
+    plan = [{"name": n, "bf16": str(cases[n][0]), "fp8": str(w / f"fp8_{n}"), "config": str(w / f"{n}.json")}
+            for n in ("neox_block_head", "llama_pcs")]
+    for n in ("neox_block_head", "llama_pcs"):
+        (w / f"{n}.json").write_text(json.dumps(cases[n][1]))
+    (w / "plan4.json").write_text(json.dumps(plan))
+    deepspeed(4, ROOT / "tests" / "scripts" / "fp8_checkpoint_tp.py", str(w / "plan4.json"), str(w / "tp4"),
+              cwd=w, timeout=600, OMP_NUM_THREADS="1")
+    for rank in range(4):
+        res = json.loads((w / f"tp4_{rank}.json").read_text())
+        for name, r in res.items():
+            assert r["equal"], (rank, name, r["max_abs_diff"])
+            assert r["params_on_meta_before_init_inference"] > 0 and r["params_on_meta_after"] == 0
+            assert all(x["dtype"] == "torch.float8_e4m3fn" for x in r["fp8_layers"].values())
+        qkv = res["neox_block_head"]["fp8_layers"]["gpt_neox.layers.0.attention.query_key_value"]
+        assert qkv["shape"] == [96, 128]  # 3 x 128 rows over 4 ranks
+        o_proj = res["llama_pcs"]["fp8_layers"]["model.layers.0.self_attn.o_proj"]
+        assert o_proj["ds_class"] == "LinearAllreduce" and o_proj["shape"][0] == 128 and o_proj["shape"][1] < 128
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"mode": "MEASURE"}, "convert needs a QUANTIZE config"),
     ({"fp8_config": "E5M2"}, "compressed-tensors checkpoints hold"),
