@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .measurements import MeasurementError
+from .measurements import MeasurementError, atomic_write
 
 FORMAT = "ds_quant.hessians"
 VERSION = 1
@@ -58,19 +56,7 @@ def write(prefix: str, hessians: Mapping[str, tuple[torch.Tensor, int]], run: st
     meta = {"format": FORMAT, "version": str(VERSION), "run": run or "", "layers": json.dumps(layers, sort_keys=True)}
     path = Path(hessian_path(prefix))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return str(path)
 
 

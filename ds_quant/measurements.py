@@ -104,18 +104,25 @@ def atomic_write_json(path: str | os.PathLike, doc: Mapping) -> None:
     _remove_stale_companions(path, doc.get("vectors", {}).get("file"))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temp file beside `path`; it is fsynced and renamed into place, or removed on any error:
+    readers never see half a file. For writers that want a path (safetensors' save_file), and for bytes below."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give them the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _umask() -> int:
@@ -270,14 +277,10 @@ class Section(NamedTuple):  # not a dataclass: this file also loads on its own, 
     merge: Callable[[str, list[dict], bool], dict]  # (name, one record per rank in rank order, lists) -> the model's
     required: bool = False  # every file has this section (possibly empty)
 
-    @property
-    def key_set(self) -> frozenset[str]:
-        return _KEY_SETS[self.key]
-
     def validate(self, records, file_kind: str, where: str) -> None:
         if not isinstance(records, dict):
             raise MeasurementError(f"{where}: '{self.key}' must be an object of {self.what} name -> statistics")
-        keys, kinds, check = self.key_set, self.kinds, self.check
+        keys, kinds, check = frozenset(self.keys), self.kinds, self.check
         for name, rec in records.items():
             # Runs once per record per shard: the cheap checks first, messages only on failure.
             if type(rec) is not dict or not rec.keys() >= keys:
@@ -487,7 +490,6 @@ SECTIONS = {s.key: s for s in (
     Section("kv", ("kv",), "KV cache", KV_KEYS, (), _check_kv, merge_kv),
     Section("attention", ("attention",), "attention", ATTENTION_KEYS, (), _check_attention, merge_attention),
 )}
-_KEY_SETS = {s.key: frozenset(s.keys) for s in SECTIONS.values()}
 
 
 # -- documents -----------------------------------------------------------------------------------------
