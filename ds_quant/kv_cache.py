@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import layer_spec
+from .attention import attention_modules
 from .config import KV_CACHE_TYPES, Mode, QuantConfig
 from .log import current_rank, get_logger
 from .measurements import kv_record
@@ -102,10 +103,8 @@ class KVPlan:
 def kv_names(model) -> dict[int, str]:
     """{decoder layer index: name of its KV cache}: `{attention module}.kv_cache` (modules with a `layer_idx`)."""
     names = {}
-    for fqn, m in model.named_modules():
-        idx = getattr(m, "layer_idx", None)
-        if isinstance(idx, int) and "attention" in type(m).__name__.lower() and idx not in names:
-            names[idx] = f"{fqn}.kv_cache"
+    for fqn, m in attention_modules(model).items():
+        names.setdefault(m.layer_idx, f"{fqn}.kv_cache")
     return names
 
 
@@ -413,10 +412,9 @@ def install_attention(model) -> bool:
         return False
     AttentionInterface.register(ATTN_IMPL, attention_forward)
     AttentionMaskInterface.register(ATTN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # None or a bool mask
-    for m in model.modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower():
-            setattr(m, _FALLBACK_ATTR, "sdpa")
-            setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
+    for m in attention_modules(model).values():
+        setattr(m, _FALLBACK_ATTR, "sdpa")
+        setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
     text._attn_implementation = ATTN_IMPL
     return True
 
@@ -475,7 +473,7 @@ class _Fp8KV:
         self._quantized_values = (append_tokens(qv, self._quantize(value_states, vs)), vs)
         if first:  # the prompt attends to itself as it came, as in transformers' FP8 layer
             return key_states, value_states
-        if self.fused and key_states.device.type == "cpu" and cpu_kernel():
+        if self.fused and key_states.device.type == "cpu":  # fused: the kernel is built (install_attention)
             return (Fp8KVTensor(*self._quantized_keys, self.dtype),
                     Fp8KVTensor(*self._quantized_values, self.dtype))
         return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)

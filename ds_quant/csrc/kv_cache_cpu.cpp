@@ -179,11 +179,12 @@ inline float dot(const float* a, const float* b, int64_t D) {
 
 constexpr int64_t kBlock = 64;  // key / value rows widened at a time: 64 x 128 floats = 32 KB, L1-sized
 
-// exp(x) for x <= 0 (a score minus the row's max): 2^n * p(f) as exp16 below, in plain arithmetic the compiler
-// vectorises (no call, no errno); below -80 it gives 0 (e^-80 ~ 2e-35 against a sum >= 1; masked scores are -inf).
+// exp(x) for x <= 0 (a score minus the row's max): 2^n * p(f), n = round(x / ln 2), f = x - n ln 2 (two-part ln 2),
+// p of degree 6 (relative error ~2e-7), in plain arithmetic the compiler vectorises (no call, no errno); below -80 it
+// gives 0 (e^-80 ~ 2e-35 against a sum >= 1; masked scores are -inf).
 inline float exp_poly(float x) {
   const float xc = x < -80.f ? -80.f : x;
-  const float n = std::nearbyint(xc * 1.44269504f);
+  const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest (1.5 x 2^23 trick): no call
   float f = xc - n * 0.693145752f;
   f = f - n * 1.42860677e-6f;
   float y = 1.38888889e-3f;
@@ -195,33 +196,98 @@ inline float exp_poly(float x) {
   y = y * f + 1.f;
   int32_t bits;
   std::memcpy(&bits, &y, 4);
-  bits += static_cast<int32_t>(n) << 23;  // y * 2^n: n in [-126, 0], y in [0.7, 1.5): stays normal
+  bits += static_cast<int32_t>(n) << 23;  // y * 2^n: n in [-116, 0], y in [0.7, 1.5): stays normal
   float out;
   std::memcpy(&out, &bits, 4);
   return x < -80.f ? 0.f : out;
 }
 
+// Softmax of one head's scores in place, times `vmul` (the value scale): the mask applied (additive, or false =
+// -inf), the max subtracted, exp_poly (vectorised by the compiler), normalised; every key masked gives zeros.
+void masked_softmax(float* __restrict sc, int64_t S, const bool* mb, const float* mf, float vmul) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (mf != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] += mf[t];
+  if (mb != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] = mb[t] ? sc[t] : ninf;
+  float m = ninf;
+  for (int64_t t = 0; t < S; ++t) m = std::max(m, sc[t]);
+  if (std::isinf(m) && m < 0) {
+    std::fill(sc, sc + S, 0.f);
+    return;
+  }
+  int64_t t0 = 0;
+  float sum = 0.f;
 #if defined(__AVX512F__)
-// exp on 16 floats: 2^n * p(f), n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), p of degree 6 (relative error
-// ~2e-7); x below -87 gives 0 (masked scores are -inf).
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-  __m512 y = _mm512_set1_ps(1.38888889e-3f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.33333333e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(4.16666667e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.66666667e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  y = _mm512_scalef_ps(y, n);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), y);
+  // the same polynomial 16 at a time (GCC leaves the loop below scalar: 20 % of the kernel at 8k)
+  const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-80.f);
+  __m512 vsum = _mm512_setzero_ps();
+  for (; t0 + 16 <= S; t0 += 16) {
+    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sc + t0), vm);
+    const __m512 xc = _mm512_max_ps(x, lo);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+    __m512 y = _mm512_set1_ps(1.38888889e-3f);
+    for (const float c : {8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.f, 1.f})
+      y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), _mm512_scalef_ps(y, n));
+    _mm512_storeu_ps(sc + t0, y);
+    vsum = _mm512_add_ps(vsum, y);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (int64_t t = t0; t < S; ++t) {
+    sc[t] = exp_poly(sc[t] - m);
+    sum += sc[t];
+  }
+  const float inv = vmul / sum;
+  for (int64_t t = 0; t < S; ++t) sc[t] *= inv;
 }
 
+// One (batch row, KV head) of decode attention: key rows widened a block (kBlock rows) at a time into an
+// L1-resident buffer, every query head of the group scored against the block; after the softmax, value rows
+// widened the same way and accumulated. scores: rep x S, acc: rep x D, blk: kBlock x D, row: D.
+//
+// Generic (every build, any head dim): loops the compiler vectorises for the ISA it builds for (AVX2 + FMA, NEON,
+// ...): keys widened transposed (a block's D x kBlock), so each score is an axpy over the block's tokens rather
+// than a reduction over d.
+void scores_generic(const uint8_t* krow, int64_t S, int64_t D, const float* qs, int64_t rep, bool e4m3,
+                    const float* tab, float* scores, float* blk, float* row) {
+  for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, S - t0);
+    for (int64_t t = 0; t < n; ++t) {
+      widen_row(krow + (t0 + t) * D, row, D, e4m3, tab);
+      for (int64_t d = 0; d < D; ++d) blk[d * kBlock + t] = row[d];
+    }
+    for (int64_t r = 0; r < rep; ++r) {
+      float* __restrict sc = scores + r * S + t0;
+      for (int64_t t = 0; t < n; ++t) sc[t] = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = qs[r * D + d];
+        const float* __restrict col = blk + d * kBlock;
+        for (int64_t t = 0; t < n; ++t) sc[t] += qd * col[t];
+      }
+    }
+  }
+}
+
+void output_generic(const uint8_t* vrow, int64_t S, int64_t D, const float* scores, int64_t rep, bool e4m3,
+                    const float* tab, float* acc, float* blk) {
+  std::fill(acc, acc + rep * D, 0.f);
+  for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, S - t0);
+    for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, blk + t * D, D, e4m3, tab);
+    for (int64_t r = 0; r < rep; ++r) {
+      float* __restrict a = acc + r * D;
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = scores[r * S + t0 + t];
+        const float* __restrict v = blk + t * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
 // Four horizontal sums at once: (sum z0, sum z1, sum z2, sum z3).
 inline __m128 reduce4(__m512 z0, __m512 z1, __m512 z2, __m512 z3) {
   const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(z0, z1), _mm512_unpackhi_ps(z0, z1));  // z0 z1 pairs
@@ -231,19 +297,15 @@ inline __m128 reduce4(__m512 z0, __m512 z1, __m512 z2, __m512 z3) {
   return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
 }
 
-// One (batch row, KV head) of decode attention for head dims of DC x 16: key and value rows widened a block at a
-// time into an L1-resident buffer, then every query head of the group runs over the block with its query (scores)
-// or its accumulator (output) in registers. scores: rep x S (in: nothing; out: softmax weights), acc: rep x D.
-constexpr int64_t kRows = kBlock;
-
+// AVX-512, head dims DC x 16 (64, 128): each query head's query (scores) or accumulator (output) held in
+// registers over the block, four dot products reduced at once.
 template <int DC>
-void group_attention_avx512(const uint8_t* krow, const uint8_t* vrow, int64_t S, const float* qs, int64_t rep,
-                            const bool* mb, const float* mf, bool e4m3, const float* tab, float vmul, float* scores,
-                            float* acc, float* buf) {
+void scores_avx512(const uint8_t* krow, int64_t S, const float* qs, int64_t rep, bool e4m3, const float* tab,
+                   float* scores, float* blk) {
   constexpr int64_t D = DC * 16;
-  for (int64_t t0 = 0; t0 < S; t0 += kRows) {
-    const int64_t n = std::min(kRows, S - t0);
-    for (int64_t t = 0; t < n; ++t) widen_row(krow + (t0 + t) * D, buf + t * D, D, e4m3, tab);
+  for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, S - t0);
+    for (int64_t t = 0; t < n; ++t) widen_row(krow + (t0 + t) * D, blk + t * D, D, e4m3, tab);
     for (int64_t r = 0; r < rep; ++r) {
       __m512 qv[DC];
       for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(qs + r * D + c * 16);
@@ -252,55 +314,31 @@ void group_attention_avx512(const uint8_t* krow, const uint8_t* vrow, int64_t S,
       for (; t + 4 <= n; t += 4) {
         __m512 z[4];
         for (int j = 0; j < 4; ++j) {
-          z[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(buf + (t + j) * D));
-          for (int c = 1; c < DC; ++c) z[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(buf + (t + j) * D + c * 16), z[j]);
+          z[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(blk + (t + j) * D));
+          for (int c = 1; c < DC; ++c) z[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(blk + (t + j) * D + c * 16), z[j]);
         }
         _mm_storeu_ps(sc + t, reduce4(z[0], z[1], z[2], z[3]));
       }
-      for (; t < n; ++t) sc[t] = dot(qs + r * D, buf + t * D, D);
+      for (; t < n; ++t) sc[t] = dot(qs + r * D, blk + t * D, D);
     }
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rep; ++r) {
-    float* sc = scores + r * S;
-    if (mf != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] += mf[t];
-    if (mb != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] = mb[t] ? sc[t] : ninf;
-    // softmax: max, exp(x - max) 16 at a time, normalised (a head whose every key is masked gets zeros, not NaN)
-    __m512 vm = _mm512_set1_ps(ninf);
-    int64_t t = 0;
-    for (; t + 16 <= S; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sc + t));
-    float m = _mm512_reduce_max_ps(vm);
-    for (; t < S; ++t) m = std::max(m, sc[t]);
-    if (std::isinf(m) && m < 0) {
-      std::fill(sc, sc + S, 0.f);
-      continue;
-    }
-    const __m512 vmax = _mm512_set1_ps(m);
-    __m512 vs = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= S; t += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmax));
-      _mm512_storeu_ps(sc + t, e);
-      vs = _mm512_add_ps(vs, e);
-    }
-    float sum = _mm512_reduce_add_ps(vs);
-    for (; t < S; ++t) {
-      sc[t] = std::exp(sc[t] - m);
-      sum += sc[t];
-    }
-    const float inv = vmul / sum;
-    for (t = 0; t < S; ++t) sc[t] *= inv;
-  }
-  for (int64_t r = 0; r < rep * D; ++r) acc[r] = 0.f;
-  for (int64_t t0 = 0; t0 < S; t0 += kRows) {
-    const int64_t n = std::min(kRows, S - t0);
-    for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, buf + t * D, D, e4m3, tab);
+}
+
+template <int DC>
+void output_avx512(const uint8_t* vrow, int64_t S, const float* scores, int64_t rep, bool e4m3, const float* tab,
+                   float* acc, float* blk) {
+  constexpr int64_t D = DC * 16;
+  std::fill(acc, acc + rep * D, 0.f);
+  for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, S - t0);
+    for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, blk + t * D, D, e4m3, tab);
     for (int64_t r = 0; r < rep; ++r) {
       __m512 av[DC];
       for (int c = 0; c < DC; ++c) av[c] = _mm512_loadu_ps(acc + r * D + c * 16);
       const float* p = scores + r * S + t0;
       for (int64_t t = 0; t < n; ++t) {
         const __m512 w = _mm512_set1_ps(p[t]);
-        for (int c = 0; c < DC; ++c) av[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(buf + t * D + c * 16), av[c]);
+        for (int c = 0; c < DC; ++c) av[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(blk + t * D + c * 16), av[c]);
       }
       for (int c = 0; c < DC; ++c) _mm512_storeu_ps(acc + r * D + c * 16, av[c]);
     }
@@ -353,64 +391,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
       const float* mf = mask.defined() && !mask_bool ? mask.data_ptr<float>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
       float* o = out.data_ptr<float>() + bi * Hq * D;
 #if defined(__AVX512F__)
-      if (D == 64 || D == 128) {  // the common head dims: blocked, registers (see group_attention_avx512)
-        if (D == 64) group_attention_avx512<4>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
-                                                acc.data(), blk.data());
-        else group_attention_avx512<8>(krow, vrow, S, qs.data(), rep, mb, mf, e4m3, tab, vmul, scores.data(),
-                                       acc.data(), blk.data());
-        for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
-        continue;
-      }
+      if (D == 64) scores_avx512<4>(krow, S, qs.data(), rep, e4m3, tab, scores.data(), blk.data());
+      else if (D == 128) scores_avx512<8>(krow, S, qs.data(), rep, e4m3, tab, scores.data(), blk.data());
+      else
 #endif
-      // Every other build and head dim: the same blocks, in loops the compiler vectorises for the ISA it builds
-      // for (AVX2 + FMA, NEON, ...): keys widened transposed (a block's D x kRows), so each score is an axpy over
-      // the block's tokens rather than a reduction over d.
-      for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
-        const int64_t n = std::min(kBlock, S - t0);
-        for (int64_t t = 0; t < n; ++t) {
-          widen_row(krow + (t0 + t) * D, row.data(), D, e4m3, tab);
-          for (int64_t d = 0; d < D; ++d) blk[d * kBlock + t] = row[d];
-        }
-        for (int64_t r = 0; r < rep; ++r) {
-          float* __restrict sc = scores.data() + r * S + t0;
-          for (int64_t t = 0; t < n; ++t) sc[t] = 0.f;
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qs[r * D + d];
-            const float* __restrict col = blk.data() + d * kBlock;
-            for (int64_t t = 0; t < n; ++t) sc[t] += qd * col[t];
-          }
-        }
-      }
-      const float ninf = -std::numeric_limits<float>::infinity();
-      for (int64_t r = 0; r < rep; ++r) {
-        float* __restrict sc = scores.data() + r * S;
-        if (mf != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] += mf[t];
-        if (mb != nullptr) for (int64_t t = 0; t < S; ++t) sc[t] = mb[t] ? sc[t] : ninf;
-        float m = ninf;
-        for (int64_t t = 0; t < S; ++t) m = std::max(m, sc[t]);
-        if (std::isinf(m) && m < 0) {  // every key masked: zeros, not NaN
-          std::fill(sc, sc + S, 0.f);
-          continue;
-        }
-        for (int64_t t = 0; t < S; ++t) sc[t] = exp_poly(sc[t] - m);
-        float sum = 0.f;
-        for (int64_t t = 0; t < S; ++t) sum += sc[t];
-        const float inv = vmul / sum;
-        for (int64_t t = 0; t < S; ++t) sc[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < S; t0 += kBlock) {
-        const int64_t n = std::min(kBlock, S - t0);
-        for (int64_t t = 0; t < n; ++t) widen_row(vrow + (t0 + t) * D, blk.data() + t * D, D, e4m3, tab);
-        for (int64_t r = 0; r < rep; ++r) {
-          float* __restrict a = acc.data() + r * D;
-          for (int64_t t = 0; t < n; ++t) {
-            const float w = scores[r * S + t0 + t];
-            const float* __restrict v = blk.data() + t * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-          }
-        }
-      }
+        scores_generic(krow, S, D, qs.data(), rep, e4m3, tab, scores.data(), blk.data(), row.data());
+      for (int64_t r = 0; r < rep; ++r) masked_softmax(scores.data() + r * S, S, mb, mf, vmul);
+#if defined(__AVX512F__)
+      if (D == 64) output_avx512<4>(vrow, S, scores.data(), rep, e4m3, tab, acc.data(), blk.data());
+      else if (D == 128) output_avx512<8>(vrow, S, scores.data(), rep, e4m3, tab, acc.data(), blk.data());
+      else
+#endif
+        output_generic(vrow, S, D, scores.data(), rep, e4m3, tab, acc.data(), blk.data());
       for (int64_t r = 0; r < rep; ++r) std::memcpy(o + (g * rep + r) * D, acc.data() + r * D, D * sizeof(float));
     }
   });
