@@ -134,7 +134,7 @@ def main() -> None:
 def folder_sizes(fp8: Path) -> dict:
     """MB of an FP8 folder's FP8 linears (weights + scales), of its other tensors, and of its largest linear
     in bf16 (two bytes per FP8 byte)."""
-    from ds_quant.checkpoint import DTYPES, SafetensorsFile
+    from ds_quant.files.safetensors import DTYPES, SafetensorsFile
 
     lin = other = largest = 0
     for path in fp8.glob("*.safetensors"):

@@ -12,7 +12,7 @@ import time
 import torch
 
 from ds_quant.config import DeviceForScales, Fp8Format, ScaleMethod
-from ds_quant.scales import PROFILES, RECIPES, fp8_dtype, quantize_weight
+from ds_quant.numerics.scales import PROFILES, RECIPES, fp8_dtype, quantize_weight
 
 
 def convert(w: torch.Tensor, method: ScaleMethod) -> torch.Tensor:

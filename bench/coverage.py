@@ -147,8 +147,8 @@ def run_arch(arch: str, work: Path, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     import ds_quant
-    from ds_quant.modules import Fp8Linear
-    from ds_quant.patch import skipped_tp_layers
+    from ds_quant.layers.linear import Fp8Linear
+    from ds_quant.layers.patch import skipped_tp_layers
 
     calib, ids = token_ids(1, (4, 32)), token_ids(3, (2, 24))
 

@@ -1,6 +1,6 @@
 """FP8 GEMM timings per backend against bf16, side by side in one process (part of `bench/run.py`).
 
-For each (M, N, K): the bf16 matmul (what the model does without ds_quant), each CPU backend of `ds_quant.ops`
+For each (M, N, K): the bf16 matmul (what the model does without ds_quant), each CPU backend of `ds_quant.numerics.ops`
 forced in turn, and `auto` (what ops picks for that M). Ratios are bf16_time / backend_time (> 1: FP8 faster).
 `torch._scaled_mm` and the pure-torch reference are timed once when a single call takes over 20x bf16 (they are
 there to show why they are not the default), otherwise like the others.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ds_quant import ops
-from ds_quant.scales import to_fp8_saturated
+from ds_quant.numerics import ops
+from ds_quant.numerics.scales import to_fp8_saturated
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8", "asimd", "sve")

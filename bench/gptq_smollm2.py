@@ -34,7 +34,7 @@ ROWS = {"rtn": None, "gptq": {"damp": 0.01, "block": 128, "act_order": False},
 
 
 def hessians(model, calib) -> dict[str, torch.Tensor]:
-    from ds_quant.gptq import hessian_add
+    from ds_quant.numerics.gptq import hessian_add
 
     hs, hooks = {}, []
     for name, m in model.named_modules():
@@ -51,9 +51,9 @@ def hessians(model, calib) -> dict[str, torch.Tensor]:
 
 def snap_gptq(model, hs, layers: dict, cfg, params) -> dict:
     """Replace each linear's weight by its GPTQ rounding on QUANTIZE's grid, in place. Returns timings."""
-    from ds_quant import layer_spec
-    from ds_quant.gptq import GptqParams, gptq_round
-    from ds_quant.scales import quantize_weight
+    from ds_quant.numerics import layer_spec
+    from ds_quant.numerics.gptq import GptqParams, gptq_round
+    from ds_quant.numerics.scales import quantize_weight
 
     p = GptqParams(**params)
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def snap_gptq(model, hs, layers: dict, cfg, params) -> dict:
 
 def mismatches(model, snapped: dict[str, torch.Tensor]) -> int:
     """Elements where QUANTIZE's FP8 weight (dequantized) differs from the snapped bf16 weight it was given."""
-    from ds_quant.modules import Fp8Linear
+    from ds_quant.layers.linear import Fp8Linear
 
     bad = 0
     for name, m in model.named_modules():
@@ -108,10 +108,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import ds_quant
-    import ds_quant.modules
-    from ds_quant import dist
+    import ds_quant.layers.linear
     from ds_quant.config import QuantConfig
-    from ds_quant.prepare import read_measurements
+    from ds_quant.parallel import dist
+    from ds_quant.workflows.quantize import read_measurements
 
     model_dir = smollm2.ensure(args.model)
     h_calib, evals = acc.windows(AutoTokenizer.from_pretrained(model_dir), max(4, args.hessian_windows), 8)
@@ -133,18 +133,18 @@ def main() -> None:
     keys = {k: v for k, v in keys.items() if k not in ("mode", "dump_stats_path", "gptq")}
     qcfg = acc.quant_config(keys, args.stats)
     out = {"bf16_ppl": ppl_hp, "hessian_windows": args.hessian_windows, "hessian_seconds": t_h, "cpu": acc.cpu_name(), "torch": torch.__version__, "rows": {}}
-    check = ds_quant.modules._check_weights_unchanged
+    check = ds_quant.layers.linear._check_weights_unchanged
     for row in args.rows:
         model = acc.load(model_dir, 1)
         extra, snapped = {}, {}
         if ROWS[row] is not None:
             extra = snap_gptq(model, hs, doc["layers"], QuantConfig.from_dict(qcfg), ROWS[row])
             snapped = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in hs}
-            ds_quant.modules._check_weights_unchanged = lambda *a, **k: None
+            ds_quant.layers.linear._check_weights_unchanged = lambda *a, **k: None
         try:
             model = ds_quant.prep_model(model, qcfg)
         finally:
-            ds_quant.modules._check_weights_unchanged = check
+            ds_quant.layers.linear._check_weights_unchanged = check
         ppl, top1 = acc.score(model, evals)
         r = {"ppl": ppl, "delta_pct": 100 * (ppl / ppl_hp - 1), "top1_agreement": acc.agreement(top1, top1_hp),
              "params": ROWS[row], **extra}

@@ -50,7 +50,7 @@ def worker(out: str, contexts: tuple[int, ...], steps: int, workdir: str) -> Non
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
     import ds_quant
-    from ds_quant import kv_cache
+    from ds_quant.layers import kv_cache
 
     torch.set_num_threads(1)  # two ranks on two cores
     rank, world = int(os.getenv("RANK", "0")), int(os.getenv("WORLD_SIZE", "1"))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ds_quant.config import QuantConfig, ScaleMethod
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import sqnr_db
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import sqnr_db
 
 KINDS = ("gaussian", "student_t", "channel_outliers")
 

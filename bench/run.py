@@ -5,7 +5,7 @@
 
 Single process: conversion speed (`convert_seconds_per_gb`), merging 64 shards of 1000 layers
 (`merge_seconds_64x1000`), the CPU GEMM table of `bench/gemm.py` (bf16 vs every FP8 backend of
-`ds_quant.ops`, M in {1, 8, 64, 512}), and on CUDA `gemm_fp8_over_bf16`. The CPU model and ISA flags are
+`ds_quant.numerics.ops`, M in {1, 8, 64, 512}), and on CUDA `gemm_fp8_over_bf16`. The CPU model and ISA flags are
 printed and stored with the figures (they decide which path is fastest). Then one `deepspeed --num_gpus 2` launch of
 `bench/tp_worker.py` for the TP=2 figures (weight bytes, MEASURE overhead, prefill/decode speedup) and
 the accuracy of `examples/accuracy.py` (MiniLM cosine, tiny-Llama perplexity).
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ds_quant.files import shards as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,7 +72,7 @@ def convert_seconds_per_gb(layers: int, work: Path) -> float:
 def merge_seconds(world: int, layers: int, work: Path) -> tuple[float, dict]:
     """Seconds for `merge_files` (what `ds-quant merge` runs) on `world` shard files of `layers` linears:
     alternately column-parallel (in 1024, replicated input vectors) and row-parallel (in 4096 split)."""
-    from ds_quant import measurements as ms
+    from ds_quant.files import measurements as ms
 
     prefix = str(work / "merge" / "stats")
     for rank in range(world):
@@ -84,9 +86,9 @@ def merge_seconds(world: int, layers: int, work: Path) -> tuple[float, dict]:
                 "local_in_features": local, "partition_sizes": [in_f // world] * world if row else [1024 // world] * world,
                 "input_amax": 1.0 + rank, "input_channel_amax": [0.5 + (rank + j) % 7 for j in range(local)],
                 "output_amax": 2.0, "weight_amax": 0.1, "samples": 512}
-        ms.atomic_write_json(ms.shard_path(prefix, rank, world), ms.make_shard(recs, rank, world, "maxabs", "bfloat16"))
+        ms.atomic_write_json(sf.shard_path(prefix, rank, world), ms.make_shard(recs, rank, world, "maxabs", "bfloat16"))
     t0 = time.perf_counter()
-    ms.merge_files(prefix, world)
+    sf.merge_files(prefix, world)
     return time.perf_counter() - t0, {"world": world, "layers": layers, "in_features": "1024 column / 4096 row"}
 
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 import ds_quant  # noqa: E402
-from ds_quant import ops  # noqa: E402
-from ds_quant.modules import Fp8Linear, MeasuredLinear  # noqa: E402
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear  # noqa: E402
+from ds_quant.numerics import ops  # noqa: E402
 
 
 def llama(hidden: int, inter: int, layers: int):

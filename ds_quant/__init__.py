@@ -3,11 +3,12 @@
 Importing this package does not import DeepSpeed, touch a device or read the environment.
 """
 
-from .config import ConfigError, QuantConfig
-from .dist import RankError, shutdown
+from .config import QuantConfig
+from .errors import ConfigError, MeasurementError, RankError
 from .hook import add_quant_args, install, uninstall
-from .measurements import MeasurementError
-from .prepare import finish_measurements, prep_model
+from .parallel.dist import shutdown
+from .prepare import prep_model
+from .workflows.measure import finish_measurements
 
 __all__ = ["ConfigError", "MeasurementError", "QuantConfig", "RankError", "add_quant_args", "finish_measurements",
            "install", "prep_model", "shutdown", "uninstall"]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, QuantConfig
+from . import errors
+from .config import QuantConfig
+from .errors import CheckpointError, ConfigError, MeasurementError
+from .files import hqt_import, shards, tables
+from .files import measurements as ms
+from .numerics.layer_spec import table_specs
+from .report import command
+from .workflows.convert import convert
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -20,12 +27,10 @@ def check_config(args: argparse.Namespace) -> int:
 
 # -- measurement files (merge / inspect / import-hqt) -----------------------------------------------------
 def merge_cmd(args: argparse.Namespace) -> int:
-    from . import measurements as ms
-
     try:
-        out = ms.merge_files(args.prefix, args.world_size, args.out)
+        out = shards.merge_files(args.prefix, args.world_size, args.out)
         doc = ms.load(out)
-    except ms.MeasurementError as e:
+    except errors.MeasurementError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"merged {doc['world_size']} shard(s), {len(doc['layers'])} layers -> {out}")
@@ -35,8 +40,6 @@ def merge_cmd(args: argparse.Namespace) -> int:
 def inspect_cmd(args: argparse.Namespace) -> int:
     import json
 
-    from . import measurements as ms
-    from . import tables
 
     flags = {"--scale-method": args.scale_method, "--device-for-scales": args.device_for_scales, "--fp8": args.fp8}
     try:
@@ -46,7 +49,6 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             if given:
                 raise ConfigError(f"ds-quant inspect: {', '.join(given)} and --quant-config both set the scales; "
                                   "drop the flag (the config's scale_method, device_for_scales and fp8_config apply)")
-            from .layer_spec import table_specs
 
             cfg = QuantConfig.from_json(args.quant_config)
             rows = tables.layer_table(doc, specs=table_specs(doc, cfg))
@@ -62,7 +64,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             device, fp8 = args.device_for_scales or "cuda", args.fp8 or "E4M3"
             rows = tables.layer_table(doc, method, device, fp8)
             what = f"scales for {method} ({device}, {fp8})"
-    except (ms.MeasurementError, ConfigError) as e:
+    except (errors.MeasurementError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -77,15 +79,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def import_hqt_cmd(args: argparse.Namespace) -> int:
-    from . import hqt_import
-    from . import measurements as ms
-
     try:
         shapes = hqt_import.model_shapes(args.model) if args.model else None
         doc, skipped = hqt_import.import_hqt(args.files, shapes, args.allow_pickle)
-        out = ms.merged_path(args.out)
+        out = shards.merged_path(args.out)
         ms.atomic_write_json(out, doc)
-    except ms.MeasurementError as e:
+    except errors.MeasurementError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, why in skipped:
@@ -97,9 +96,6 @@ def import_hqt_cmd(args: argparse.Namespace) -> int:
 
 # -- report (per-layer FP8 error; issue 6) ---------------------------------------------------------------------
 def report_cmd(args: argparse.Namespace) -> int:
-    from .measurements import MeasurementError
-    from .report import command
-
     try:
         return command(args.model, args.quant_config, args.text, args.max_length, args.json)
     except (ConfigError, MeasurementError) as e:
@@ -111,9 +107,6 @@ def report_cmd(args: argparse.Namespace) -> int:
 def convert_cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointError
-    from .convert import convert
-    from .measurements import MeasurementError
 
     try:
         out = convert(args.model_dir, args.out_dir, args.quant_config, getattr(torch, args.dtype))

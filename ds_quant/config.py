@@ -19,14 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .tp import SUPPORTED_TYPE_NAMES, UNSUPPORTED_TYPE_REASONS
+from .errors import ConfigError
+from .parallel.tp import SUPPORTED_TYPE_NAMES, UNSUPPORTED_TYPE_REASONS
 
 ENV_VAR = "QUANT_CONFIG"
 CLI_FLAG = "--quant-config"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message is one line that says what to fix."""
 
 
 class _CaseInsensitiveEnum(str, enum.Enum):
@@ -124,7 +121,6 @@ HQT_OTHER_TYPES = ("Conv2d", "VLLMKVCache", "FusedSDPA", "ModuleFusedSDPA",
 @dataclass(frozen=True)
 class ModuleFilter:
     """`{"types": [...], "names": [...]}`: class names, and regexes searched in the module's name."""
-
     types: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
 
@@ -146,7 +142,6 @@ class GptqParams:
     (gptq.py). MEASURE records each linear's input Hessian; QUANTIZE rounds the weights with it.
     damp: added to the Hessian's diagonal as a fraction of its mean. block: columns per batched update (speed
     only). act_order: round input channels in order of decreasing Hessian diagonal."""
-
     damp: float = 0.01
     block: int = 128
     act_order: bool = False

@@ -12,10 +12,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from . import dist
-from . import load as fp8_load
 from .config import CLI_FLAG, ENV_VAR, QuantConfig, resolve_config
+from .parallel import dist
 from .prepare import prep_model
+from .workflows import hf_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,7 +35,7 @@ def install(config: QuantConfig | Mapping | str | os.PathLike | None = None,
     import deepspeed
 
     pinned = None if config is None else resolve_config(config)
-    fp8_load.install_from_pretrained(lambda: pinned if pinned is not None else QuantConfig.from_env_or_args())
+    hf_model.install_from_pretrained(lambda: pinned if pinned is not None else QuantConfig.from_env_or_args())
     if getattr(deepspeed.init_inference, _WRAPPED_ATTR, False):
         if pinned is None and on_model is None:
             return
@@ -54,11 +54,11 @@ def uninstall() -> None:
 def _wrap(init_inference, pinned: QuantConfig | None = None, on_model=None):
     @functools.wraps(init_inference)
     def init_inference_quantized(*args, **kwargs):
-        fp8_load.refuse_compressed(args[0] if args else kwargs.get("model"))  # before AutoTP cuts it
+        hf_model.refuse_compressed(args[0] if args else kwargs.get("model"))  # before AutoTP cuts it
         engine = init_inference(*args, **kwargs)
         dist.guard_shm_allreduce()
         config = pinned if pinned is not None else QuantConfig.from_env_or_args()
-        if config is None and fp8_load.pending(engine.module) is not None:
+        if config is None and hf_model.pending(engine.module) is not None:
             config = QuantConfig(source="the FP8 checkpoint")  # its scales are in the folder
         if config is not None:
             # prep_model swaps submodules in place; the engine keeps the same module object.

@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 from .config import Mode, ModuleFilter, QuantConfig, resolve_config
+from .layers.patch import find, make_filter, tp_position
 from .log import current_rank, get_logger, rank0_progress
-from .patch import find, make_filter
+from .parallel.tp import TPLayout
+from .prepare import prep_model
+from .workflows.measure import finish_measurements
+from .workflows.quantize import fp8_maker
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,6 @@ def quantize_with_report(model: nn.Module, config: QuantConfig | dict | str | No
                          forward: Forward | None = None) -> tuple[nn.Module, Report]:
     """QUANTIZE `model` like `prep_model`, after measuring every layer's FP8 error on `batches`; layers
     below `auto_blocklist_sqnr_db` stay in high precision. Collective under TP: every rank calls it."""
-    from .prepare import prep_model
-
     cfg = resolve_config(config)
     if cfg is None or cfg.mode is not Mode.QUANTIZE:
         raise ValueError("quantize_with_report needs a QUANTIZE config (it compares FP8 against the model as it is)")
@@ -99,9 +101,6 @@ def layer_sqnr(model: nn.Module, config: QuantConfig, batches: Iterable, forward
                ) -> tuple[dict[str, float], dict[str, tuple[str, int, int]], list[torch.Tensor]]:
     """Each target linear's output SQNR (dB) against its FP8 twin fed the same input; also the layers'
     (kind, full out, full in) and the model's high-precision outputs per batch. The model is unchanged."""
-    from .prepare import fp8_maker, tp_position
-    from .tp import TPLayout
-
     forward = forward or _call
     targets = find(model, make_filter(config))
     if not targets:
@@ -190,7 +189,6 @@ def command(model_path: str, config_path: str, text_path: str | None = None, max
     import os
     from pathlib import Path
 
-    from .prepare import finish_measurements, prep_model
 
     cfg = QuantConfig.from_json(config_path)
     texts = DEFAULT_TEXTS if text_path is None else [t for t in Path(text_path).read_text().split("\n\n") if t.strip()]

@@ -22,7 +22,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import CLI_FLAG, ENV_VAR, ConfigError, QuantConfig
+from . import errors
+from .config import CLI_FLAG, ENV_VAR, QuantConfig
+from .errors import ConfigError, MeasurementError
+from .hook import install
+from .layers.experts import Fp8Experts, MeasuredExperts
+from .layers.linear import Fp8Linear, MeasuredLinear
+from .layers.patch import format_skipped, skipped_tp_layers
+from .log import current_rank, get_logger
+from .parallel import dist
+from .workflows.measure import finish_measurements
 
 USAGE = (f"usage: [deepspeed --num_gpus N | mpirun -np N python] launch/run.py [{CLI_FLAG} FILE] "
          "your_script.py [its args...]\n"
@@ -136,12 +145,6 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
     """Finish what the script left unfinished (collective: every rank gets here), then one summary."""
     import torch
 
-    from . import dist
-    from .experts import Fp8Experts, MeasuredExperts
-    from .log import current_rank, get_logger
-    from .modules import Fp8Linear, MeasuredLinear
-    from .patch import format_skipped, skipped_tp_layers
-    from .prepare import finish_measurements
 
     log, merged = get_logger(), []
     for model in models:
@@ -184,14 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(p.env)
     if needs_mpi_discovery(os.environ):
         os.environ.update(discover_mpi(os.environ))
-    from . import dist
-    from .hook import install
 
     models: list = []
     install(config, on_model=models.append)
     sys.argv = list(p.argv)
     sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
-    from .measurements import MeasurementError
 
     try:
         runpy.run_path(p.script, run_name="__main__")
@@ -200,13 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.code not in (None, 0):
             raise
         _finish(models, config, p.script)
-    except (dist.RankError, MeasurementError, ConfigError) as e:
+    except (errors.RankError, MeasurementError, ConfigError) as e:
         # Ours, and self-explanatory: one line per rank, no traceback. A RankError was agreed on by every rank
         # (all stand at the same point), so the job can still end in order, with every rank's line printed.
-        from .log import get_logger
 
         get_logger().error(str(e))
-        if isinstance(e, dist.RankError):
+        if isinstance(e, errors.RankError):
             dist.shutdown()
         return 1
     dist.shutdown()

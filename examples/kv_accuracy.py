@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import ds_quant
-from ds_quant import kv_cache
+from ds_quant.layers import kv_cache
 
 CHUNK, WINDOW, N_CAL, N_EVAL = 32, 256, 4, 8
 PROMPTS = ["The Python language reference says that", "A dictionary in Python is", "def fibonacci(n):"]

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 import ds_quant
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.scales import sqnr_db
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics.scales import sqnr_db
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "tiny_llama" / "config.json"

@@ -123,8 +123,8 @@ def score(model, evals: list[torch.Tensor]) -> tuple[float, list[int]]:
 
 def fp8_counts(model) -> dict:
     """FP8 and total linears other than lm_head, and whether lm_head is FP8."""
-    from ds_quant.modules import Fp8Linear, _TwinLinear
-    from ds_quant.tp import spec_of
+    from ds_quant.layers.linear import Fp8Linear, _TwinLinear
+    from ds_quant.parallel.tp import spec_of
 
     fp8 = total = 0
     head = False

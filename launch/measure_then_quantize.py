@@ -66,7 +66,7 @@ def check_configs(measure, quantize) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from ds_quant import ConfigError, QuantConfig
-    from ds_quant.measurements import merged_path
+    from ds_quant.files.shards import merged_path
 
     args = parse_args(argv)
     try:

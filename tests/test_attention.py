@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant import attention, measurements
-from ds_quant.config import ConfigError, Mode, QuantConfig
-from ds_quant.measurements import MeasurementError
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import sqnr_db
+from ds_quant.config import Mode, QuantConfig
+from ds_quant.errors import ConfigError, MeasurementError
+from ds_quant.files import measurements
+from ds_quant.layers import attention
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.scales import sqnr_db
 
 
 def tiny_llama():

@@ -20,13 +20,15 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant import load as fp8_load
-from ds_quant.checkpoint import CheckpointError, Fp8Folder
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.convert import convert
-from ds_quant.experts import Fp8Experts
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import sqnr_db
+from ds_quant.config import QuantConfig
+from ds_quant.errors import CheckpointError, ConfigError
+from ds_quant.files import safetensors as st_io
+from ds_quant.files.checkpoint import Fp8Folder
+from ds_quant.layers.experts import Fp8Experts
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows import hf_model
+from ds_quant.workflows.convert import convert
 from tests.launcher import ROOT, deepspeed
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
@@ -121,7 +123,7 @@ def from_folder(folder: Path, config: dict):
     """What the wrapper does at TP=1 without DeepSpeed: from_pretrained on meta, then prep_model fills it."""
     from transformers import AutoModelForCausalLM
 
-    fp8_load.install_from_pretrained(lambda: ds_quant.config.resolve_config(config))
+    hf_model.install_from_pretrained(lambda: ds_quant.config.resolve_config(config))
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert all(p.device.type == "meta" for p in m.parameters()), "from_pretrained must build on meta"
     return ds_quant.prep_model(m, config)
@@ -172,8 +174,8 @@ def test_convert_writes_fused_experts_as_per_expert_fp8_linears(work):
     transformers 5 saves bf16 experts so): per expert e, `experts.{e}.w1/w3/w2` (Mixtral) with `weight` (FP8),
     `weight_scale`, `input_scale`. Gate and up carry their fused slice's scale (the same one: in-memory QUANTIZE
     scales the fused [gate; up] slice); the router stays bf16 and is `ignore`d."""
-    from ds_quant.experts import expert_input_scales, quantize_expert, record_name
-    from ds_quant.layer_spec import resolve
+    from ds_quant.layers.experts import expert_input_scales, quantize_expert, record_name
+    from ds_quant.numerics.layer_spec import resolve
 
     w, cases = work
     src, config = cases["mixtral_hw"]
@@ -197,7 +199,7 @@ def test_convert_writes_fused_experts_as_per_expert_fp8_linears(work):
     assert _same(f.read(f"{block}.experts.2.w3.weight"), w_fp8[256:])
     assert f.layers[f"{block}.experts.2.w1"].weight_scale == scale
     assert f.layers[f"{block}.experts.2.w3"].weight_scale == scale
-    layers = ds_quant.measurements.read_local(config["dump_stats_path"])[0]["layers"]
+    layers = ds_quant.files.shards.read_local(config["dump_stats_path"])[0]["layers"]
     assert layers[record_name("model.layers.1.mlp.experts", "gate_up_proj", 2)]["samples"] > 0
     ins = expert_input_scales("model.layers.1.mlp.experts", "gate_up_proj", 4, spec, layers)
     assert f.layers[f"{block}.experts.2.w1"].input_scale == ins[2] == f.layers[f"{block}.experts.2.w3"].input_scale
@@ -234,12 +236,11 @@ def test_reader_reads_tensors_and_slices_bitwise(tmp_path, monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ds_quant import checkpoint
 
     ts = _sample_tensors()
     save_file(ts, tmp_path / "x.safetensors")
-    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 300)
-    f = checkpoint.SafetensorsFile(tmp_path / "x.safetensors")
+    monkeypatch.setattr(st_io, "_CHUNK_BYTES", 300)
+    f = st_io.SafetensorsFile(tmp_path / "x.safetensors")
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as ref:
         for k in ts:
             assert _same(f.read(k), ref.get_tensor(k)), k
@@ -258,7 +259,7 @@ def test_reader_reads_tensors_and_slices_bitwise(tmp_path, monkeypatch):
 def test_reader_refuses_bad_headers_naming_file_and_tensor(tmp_path):
     from safetensors.torch import save_file
 
-    from ds_quant.checkpoint import SafetensorsFile
+    from ds_quant.files.safetensors import SafetensorsFile
 
     save_file(_sample_tensors(), tmp_path / "x.safetensors")
     raw = (tmp_path / "x.safetensors").read_bytes()
@@ -298,7 +299,7 @@ def test_reader_does_not_keep_file_pages_resident(tmp_path):
     import psutil
     from safetensors.torch import save_file
 
-    from ds_quant.checkpoint import SafetensorsFile
+    from ds_quant.files.safetensors import SafetensorsFile
 
     n = 9 << 20
     save_file({f"t{i}": torch.full((n,), float(i)) for i in range(6)}, tmp_path / "big.safetensors")
@@ -320,7 +321,7 @@ def test_streaming_writer_writes_what_safetensors_reads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ds_quant.checkpoint import SafetensorsWriter
+    from ds_quant.files.safetensors import SafetensorsWriter
 
     ts = _sample_tensors()
     w = SafetensorsWriter(tmp_path / "y.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in ts.items()},
@@ -346,7 +347,7 @@ def test_weights_quantized_in_row_blocks_are_bitwise_the_whole_weights(monkeypat
     """quantize_weight casts (and takes maxima) in row blocks, and quantize-on-load feeds quantize_weight_blocks
     blocks read from the file: both bitwise equal to one pass over the whole weight, for every recipe and device
     profile (blocks of 1000 elements here, so every weight spans several; an inf, a zero row, an odd width)."""
-    from ds_quant import scales
+    from ds_quant.numerics import scales
 
     g = torch.Generator().manual_seed(3)
     weights = [(torch.randn(300, 70, generator=g) * 3).to(torch.bfloat16), torch.randn(5, 1001, generator=g),
@@ -391,7 +392,7 @@ def test_quantize_on_load_is_bitwise_equal_to_in_memory_quantize(work, case, mon
     w, cases = work
     src, config = cases[case]
     ref = logits(in_memory(src, config))
-    monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
     m = from_folder(src, config)
     assert sum(isinstance(x, Fp8Linear) for x in m.modules()) == (29 if case.startswith("llama") else 8)
     assert torch.equal(logits(m), ref)
@@ -409,19 +410,18 @@ def test_moe_folder_and_quantize_on_load_are_bitwise_in_memory_quantize(work, ca
     ref = logits(ref_model)
     ref_experts = {n: x for n, x in ref_model.named_modules() if isinstance(x, Fp8Experts)}
     assert len(ref_experts) == (2 if case.startswith("mixtral") else 1)
-    from ds_quant import checkpoint
 
-    reads, read = [], checkpoint.SafetensorsFile.read
+    reads, read = [], st_io.SafetensorsFile.read
 
     def logged(self, key, *args, **kwargs):
         t = read(self, key, *args, **kwargs)
         reads.append((key, t.dtype, tuple(t.shape)))
         return t
 
-    monkeypatch.setattr(checkpoint.SafetensorsFile, "read", logged)
+    monkeypatch.setattr(st_io.SafetensorsFile, "read", logged)
     for how, path in (("folder", w / f"fp8_{case}"), ("quantize_on_load", src)):
         if how == "quantize_on_load":
-            monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+            monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
         reads.clear()
         m = from_folder(path, config)
         # the quantized experts' weights: FP8 from a folder, one expert's bf16 linear at a time on quantize-on-load
@@ -522,12 +522,12 @@ def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypa
     t = load_file(bad / "model.safetensors")
     t[f"{e1}.w2.weight"] = t[f"{e1}.w2.weight"][:, :200].contiguous()
     save_file(t, bad / "model.safetensors")
-    monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
+    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
     with pytest.raises(CheckpointError, match=file + re.escape(f"tensor '{e1}.w2.weight' (the model's "
                                                                "'model.layers.0.mlp.experts.1.w2.weight') is BF16 "
                                                                "[128, 200], expected a 2-D float weight [128, 256]")):
         from_folder(bad, config)
-    monkeypatch.delenv(fp8_load.QUANTIZE_ON_LOAD_ENV)
+    monkeypatch.delenv(hf_model.QUANTIZE_ON_LOAD_ENV)
     with pytest.raises(CheckpointError, match=file + re.escape(f"tensor '{e1}.w2.weight' (the model's")):
         convert(bad, w / "never_written", config, progress=False)
     assert not (w / "never_written").exists()

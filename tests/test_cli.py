@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import ds_quant
-from ds_quant import measurements as ms
 from ds_quant.cli import main
-from ds_quant.modules import Fp8Linear
+from ds_quant.files import measurements as ms
+from ds_quant.files import shards as sf
+from ds_quant.layers.linear import Fp8Linear
 
 
 def shards():
@@ -28,7 +29,7 @@ def shards():
 def prefix(tmp_path):
     p = str(tmp_path / "stats")
     for s in shards():
-        ms.atomic_write_json(ms.shard_path(p, s["rank"], 2), s)
+        ms.atomic_write_json(sf.shard_path(p, s["rank"], 2), s)
     return p
 
 
@@ -125,7 +126,7 @@ def test_import_hqt_maps_linears_skips_the_rest_and_quantizes(tmp_path, capsys):
 
 
 def test_import_hqt_with_model_shapes_places_channel_vectors(tmp_path, monkeypatch, capsys):
-    from ds_quant import hqt_import
+    from ds_quant.files import hqt_import
 
     monkeypatch.setattr(hqt_import, "model_shapes", lambda d: {"up": (32, 16), "down": (16, 4)})
     files = []

@@ -6,7 +6,6 @@ import pytest
 
 from ds_quant import cli
 from ds_quant.config import (
-    ConfigError,
     Fp8Format,
     MeasureExclude,
     Mode,
@@ -16,6 +15,7 @@ from ds_quant.config import (
     config_path_from_argv,
     resolve_config,
 )
+from ds_quant.errors import ConfigError
 
 
 def write(tmp_path, data, name="cfg.json"):

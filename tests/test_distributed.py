@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_quant.scales import sqnr_db
+from ds_quant.numerics.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
 
 pytestmark = pytest.mark.distributed

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 import ds_quant
-from ds_quant import measurements as ms
 from ds_quant.config import QuantConfig
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.scales import sqnr_db
-from ds_quant.tp import DS_SPECS, PLAIN, Input, Kind, TPLayout, spec_of, unhandled_tp_reason
+from ds_quant.files import measurements as ms
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import sqnr_db
+from ds_quant.parallel.tp import DS_SPECS, PLAIN, Input, Kind, TPLayout, spec_of, unhandled_tp_reason
 
 layers = pytest.importorskip("deepspeed.module_inject.layers")
 from deepspeed.module_inject.tp_shard import AutoTPMeta  # noqa: E402
@@ -260,7 +260,7 @@ def test_config_types_come_from_the_table():
     with pytest.raises(ds_quant.ConfigError, match="'SubParamLinearAllreduce' is not a module type ds_quant can"):
         QuantConfig.from_dict({"method": "HOOKS", "allowlist": {"types": ["SubParamLinearAllreduce"], "names": []}})
     assert set(ms.KINDS) == {k.value for k in Kind}
-    assert ds_quant.tp.SPLIT_INPUT_KINDS == {"row", "lm-head"}
+    assert ds_quant.parallel.tp.SPLIT_INPUT_KINDS == {"row", "lm-head"}
 
 
 def test_empty_shard_measures_and_quantizes(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant.experts import Fp8Experts, MeasuredExperts, record_name
-from ds_quant.scales import sqnr_db
+from ds_quant.layers.experts import Fp8Experts, MeasuredExperts, record_name
+from ds_quant.numerics.scales import sqnr_db
 
 mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
 
@@ -58,7 +58,7 @@ def test_experts_measure_then_quantize_per_expert(tmp_path, caplog_ds):
         block = ds_quant.prep_model(Block(), cfg)
         block(*calib)
         path = ds_quant.finish_measurements(block)
-    layers = ds_quant.measurements.load(path)["layers"]
+    layers = ds_quant.files.measurements.load(path)["layers"]
     assert sorted(layers) == sorted(record_name("experts", p, e) for p in ("gate_up_proj", "down_proj") for e in range(E))
     rec = layers[record_name("experts", "gate_up_proj", 0)]
     assert (rec["kind"], rec["out_features"], rec["in_features"]) == ("plain", 2 * FF, H)
@@ -105,7 +105,7 @@ def test_experts_can_be_blocked_by_type(tmp_path):
 def test_transformers4_experts_are_linears_and_the_router_stays_high_precision(tmp_path):
     """transformers 4.x: experts are nn.Linear (quantized per expert as linears); the router `gate` (one output
     per expert) is not quantized, named in the log instead."""
-    from ds_quant.patch import skipped_tp_layers
+    from ds_quant.layers.patch import skipped_tp_layers
 
     class MoeBlock(torch.nn.Module):  # the 4.x MixtralSparseMoeBlock layout
         def __init__(self):
@@ -128,7 +128,7 @@ def test_expert_layout_follows_transformers_conversion_mapping(arch, leaves):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ds_quant.load import expert_layouts
+    from ds_quant.workflows.hf_model import expert_layouts
 
     extra = {"num_local_experts": E} if arch == "mixtral" else {"num_experts": E, "moe_intermediate_size": FF}
     c = AutoConfig.for_model(arch, hidden_size=H, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=4,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_quant import measurements as ms
+from ds_quant import errors
+from ds_quant.files import shards as sf
 from tests.launcher import DEEPSPEED, ROOT, SHM_BUFFERS, deepspeed, free_port, leftover_shm, run_ok
 
 FAULTS = str(ROOT / "tests" / "scripts" / "dist_faults.py")
@@ -111,8 +112,8 @@ def test_a_users_job_through_faults(tiny_model, tmp_path):
     assert "tiny.json" not in left and not [f for f in left if f.endswith(".tmp") or f.startswith(".")], left
     assert set(left) <= {"tiny_0_2.json"}, left
     if left:
-        with pytest.raises(ms.MeasurementError, match=r"missing .*tiny_1_2.json"):
-            ms.merge_files(str(stats / "tiny"))
+        with pytest.raises(errors.MeasurementError, match=r"missing .*tiny_1_2.json"):
+            sf.merge_files(str(stats / "tiny"))
     # 5. The rerun succeeds.
     _, out, shm = _launch(cfgs["MEASURE"], *args, cwd=tmp_path)
     clean(out, shm, "MEASURE rerun")

@@ -1,4 +1,4 @@
-"""GPTQ-style FP8 weight rounding (ds_quant/gptq.py): the math alone, single process, CPU."""
+"""GPTQ-style FP8 weight rounding (ds_quant/numerics/gptq.py): the math alone, single process, CPU."""
 
 import json
 import shutil
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant import hessians, measurements
-from ds_quant.config import ConfigError, DeviceForScales, QuantConfig, ScaleMethod
-from ds_quant.gptq import GptqParams, HessianError, gptq_round, hessian_add
-from ds_quant.measurements import MeasurementError
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import PROFILES, RECIPES, quantize_weight
+from ds_quant.config import DeviceForScales, QuantConfig, ScaleMethod
+from ds_quant.errors import ConfigError, HessianError, MeasurementError
+from ds_quant.files import hessians, measurements, shards
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.gptq import GptqParams, gptq_round, hessian_add
+from ds_quant.numerics.scales import PROFILES, RECIPES, quantize_weight
 
 E4M3 = torch.float8_e4m3fn
 CUDA = PROFILES[DeviceForScales.CUDA]
@@ -222,7 +222,7 @@ def test_measure_writes_each_linears_input_hessian_once_per_distinct_input(measu
     with torch.no_grad():
         model(CALIB)
     found = hessians.read(prefix, {n: h.shape[0] for n, h in ref.items()},
-                          run=measurements.load(measurements.merged_path(prefix))["run"])
+                          run=measurements.load(shards.merged_path(prefix))["run"])
     for name, h in ref.items():
         got = found.get(name)
         assert got.dtype == torch.float32 and found.layers[name]["tokens"] == CALIB.numel()
@@ -337,7 +337,7 @@ def test_tp2_measures_the_hessians_tp1_does_and_quantizes_bitwise_the_same_weigh
     - TP=1 QUANTIZE from the TP=2 files gives bitwise the FP8 weights both ranks hold together (codes, scales,
       outlier channels and their columns): the rounding is model-level;
     - the TP=2 and TP=1 FP8 logits agree (TP's sums only): measured 26.3 dB, asserted >= 20 dB."""
-    from ds_quant.scales import sqnr_db
+    from ds_quant.numerics.scales import sqnr_db
     from tests.launcher import ROOT, deepspeed
 
     stats = str(tmp_path / "tp2")
@@ -378,7 +378,7 @@ def test_convert_with_gptq_writes_the_weights_in_memory_quantize_rounds(measured
     same logits."""
     from safetensors.torch import load_file
 
-    from ds_quant.convert import convert
+    from ds_quant.workflows.convert import convert
     from tests.test_checkpoint import from_folder
 
     path, prefix = measured

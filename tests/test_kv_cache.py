@@ -1,4 +1,4 @@
-"""FP8 KV cache (ds_quant/kv_cache.py): selection by HQT's lists, the cache layers, kv records, generate().
+"""FP8 KV cache (ds_quant/layers/kv_cache.py): selection by HQT's lists, the cache layers, kv records, generate().
 
 One launch per mode through the real deepspeed launcher at TP=2 runs tests/scripts/kv_generate.py unmodified."""
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import ds_quant
-from ds_quant import attention, kv_cache, measurements
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.measurements import MeasurementError
-from ds_quant.scales import sqnr_db
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError, MeasurementError
+from ds_quant.files import measurements
+from ds_quant.layers import attention, kv_cache
+from ds_quant.numerics.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
 
 TF4 = ROOT / ".venv" / "transformers4"
@@ -247,8 +248,8 @@ def test_decode_attention_kernel_matches_float64(b, hq, hkv, s, d, fp8):
 
 KV_VARIANT_CHECK = r"""
 import torch
-from ds_quant import kv_cache
-from ds_quant.scales import sqnr_db
+from ds_quant.layers import kv_cache
+from ds_quant.numerics.scales import sqnr_db
 from tests.test_kv_cache import attention_reference
 assert kv_cache.cpu_kernel()
 g = torch.Generator().manual_seed(0)
@@ -336,7 +337,7 @@ def test_generate_under_transformers4(tmp_path):
     """transformers 4.57 has no FP8 cache layer: ds_quant's own on its DynamicLayer, same checks as above."""
     code = f"""
 import json, sys, torch, ds_quant, transformers
-from ds_quant import kv_cache
+from ds_quant.layers import kv_cache
 sys.path.insert(0, {str(ROOT)!r})
 from tests.test_kv_cache import tiny_llama, PROMPTS
 base = {{"method": "HOOKS", "dump_stats_path": {str(tmp_path / "m")!r}}}

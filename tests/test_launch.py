@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 import ds_quant
-from ds_quant import dist, run
-from ds_quant.config import ConfigError, QuantConfig
+from ds_quant import run
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError
+from ds_quant.parallel import dist
 from tests.launcher import BIN, ROOT, free_port, run_ok
 
 RUN_PY = str(ROOT / "launch" / "run.py")
@@ -88,7 +90,7 @@ def test_pinned_config_ignores_a_quant_config_in_the_scripts_argv(monkeypatch):
     import torch
 
     from ds_quant.hook import _wrap
-    from ds_quant.modules import Fp8Linear
+    from ds_quant.layers.linear import Fp8Linear
 
     class Engine:
         def __init__(self, module):

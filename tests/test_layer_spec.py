@@ -14,13 +14,13 @@ import torch
 from openpyxl import load_workbook
 
 import ds_quant
-from ds_quant import layer_spec
 from ds_quant.cli import main
 from ds_quant.config import ActScope, QuantConfig, ScaleMethod
-from ds_quant.experts import Fp8Experts
-from ds_quant.layer_spec import Kind, record_scales, record_spec, resolve
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.tables import layer_table, workbook_rows
+from ds_quant.files.tables import layer_table, workbook_rows
+from ds_quant.layers.experts import Fp8Experts
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics import layer_spec
+from ds_quant.numerics.layer_spec import Kind, record_scales, record_spec, resolve
 
 OVERRIDE = r"mlp\.down_proj"  # these layers use maxabs_pow2; every other layer the default maxabs_hw
 
@@ -283,7 +283,7 @@ def test_experts_twin_agrees_with_the_tables_through_the_blocks_spec(tmp_path, c
 def test_convert_gives_the_same_scales_as_the_twins(measured, tiny_model):
     """`ds-quant convert` (convert.quantize_linear, which still reads the config itself) lands on the same numbers
     as the spec-driven twins for this config: exact equality, same float32 formulas on the same weights."""
-    from ds_quant.convert import quantize_linear
+    from ds_quant.workflows.quantize import quantize_linear
 
     tmp, merged = measured
     cfg = QuantConfig.from_dict(settings(tmp))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ds_quant import measurements as ms
-from ds_quant.measurements import MeasurementError
+from ds_quant.errors import MeasurementError
+from ds_quant.files import measurements as ms
+from ds_quant.files import shards as sf
 
 
 def layer(kind, channels, partition_sizes=(), in_full=None, out_full=8, output=None, weight=1.0):
@@ -65,55 +66,55 @@ def test_fingerprint_ignores_tp_size():
 
 def test_round_trip_and_naming(tmp_path):
     prefix = str(tmp_path / "deep" / "dir" / "stats")
-    assert ms.shard_path(prefix, 1, 4) == prefix + "_1_4.json" and ms.merged_path(prefix) == prefix + ".json"
+    assert sf.shard_path(prefix, 1, 4) == prefix + "_1_4.json" and sf.merged_path(prefix) == prefix + ".json"
     merged = ms.merge(shards_for_uneven_row())
-    ms.atomic_write_json(ms.merged_path(prefix), merged)  # creates directories when writing
-    assert ms.load(ms.merged_path(prefix)) == merged
+    ms.atomic_write_json(sf.merged_path(prefix), merged)  # creates directories when writing
+    assert ms.load(sf.merged_path(prefix)) == merged
     # Readable by whoever could read a file written with open(): not mkstemp's 0600.
     mask = os.umask(0o022)
     try:
-        ms.atomic_write_json(ms.merged_path(prefix), merged)
+        ms.atomic_write_json(sf.merged_path(prefix), merged)
     finally:
         os.umask(mask)
-    assert os.stat(ms.merged_path(prefix)).st_mode & 0o777 == 0o644
+    assert os.stat(sf.merged_path(prefix)).st_mode & 0o777 == 0o644
 
 
 def test_read_plan_merged_file_is_read_once_by_the_first_rank_that_has_it(tmp_path):
     prefix = str(tmp_path / "stats")
-    ms.atomic_write_json(ms.merged_path(prefix), ms.merge(shards_for_uneven_row()))
-    here, elsewhere = ms.local_sources(prefix), {"merged": False, "shards": {}}
-    assert ms.read_plan(prefix, [elsewhere, here, here], 3) == ("merged", {1: [prefix + ".json"]}, prefix + ".json")
+    ms.atomic_write_json(sf.merged_path(prefix), ms.merge(shards_for_uneven_row()))
+    here, elsewhere = sf.local_sources(prefix), {"merged": False, "shards": {}}
+    assert sf.read_plan(prefix, [elsewhere, here, here], 3) == ("merged", {1: [prefix + ".json"]}, prefix + ".json")
 
 
 def test_read_plan_without_merged_file_reads_each_shard_once(tmp_path):
     """Shards spread over two nodes (rank 0 has shard 0, rank 1 has shard 1): each is read by one rank."""
     prefix = str(tmp_path / "stats")
     s0, s1 = shards_for_uneven_row()
-    ms.atomic_write_json(ms.shard_path(prefix, 0, 2), s0)
-    node0 = ms.local_sources(prefix)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s1)
-    both = ms.local_sources(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 0, 2), s0)
+    node0 = sf.local_sources(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), s1)
+    both = sf.local_sources(prefix)
     node1 = {"merged": False, "shards": {k: p for k, p in both["shards"].items() if k == (1, 2)}}
-    what, plan, where = ms.read_plan(prefix, [node0, node1], 2)
+    what, plan, where = sf.read_plan(prefix, [node0, node1], 2)
     assert what == "shards" and plan == {0: [prefix + "_0_2.json"], 1: [prefix + "_1_2.json"]}
     assert "2 shards" in where
     # The merge of what was read is the merge of the shards: TP-invariant statistics, whoever read them.
     assert ms.merge([ms.load(p) for ps in plan.values() for p in ps], where)["layers"] == ms.merge([s0, s1])["layers"]
     # A run at another world size uses the one complete set there is.
-    assert ms.read_plan(prefix, [both], 1)[1] == {0: [prefix + "_0_2.json", prefix + "_1_2.json"]}
+    assert sf.read_plan(prefix, [both], 1)[1] == {0: [prefix + "_0_2.json", prefix + "_1_2.json"]}
 
 
 def test_read_plan_names_what_is_missing(tmp_path):
     prefix = str(tmp_path / "stats")
     with pytest.raises(MeasurementError, match=r"no measurements at .*stats.json \(nor shards .*stats_RANK_WORLD"):
-        ms.read_plan(prefix, [ms.local_sources(prefix)] * 2, 2)
+        sf.read_plan(prefix, [sf.local_sources(prefix)] * 2, 2)
     s0, _ = shards_for_uneven_row()
-    ms.atomic_write_json(ms.shard_path(prefix, 0, 2), s0)
+    ms.atomic_write_json(sf.shard_path(prefix, 0, 2), s0)
     with pytest.raises(MeasurementError, match=r"no rank has shard 1 of 2 \(.*stats_1_2.json\)"):
-        ms.read_plan(prefix, [ms.local_sources(prefix)] * 2, 2)
-    ms.atomic_write_json(ms.shard_path(prefix, 0, 4), {**s0, "world_size": 4})
+        sf.read_plan(prefix, [sf.local_sources(prefix)] * 2, 2)
+    ms.atomic_write_json(sf.shard_path(prefix, 0, 4), {**s0, "world_size": 4})
     with pytest.raises(MeasurementError, match="several runs .world sizes 2, 4, none is this run's 3"):
-        ms.read_plan(prefix, [ms.local_sources(prefix)], 3)
+        sf.read_plan(prefix, [sf.local_sources(prefix)], 3)
 
 
 def test_shards_of_two_measure_runs_are_never_merged(tmp_path):
@@ -123,29 +124,29 @@ def test_shards_of_two_measure_runs_are_never_merged(tmp_path):
         ms.merge([a, b])
     assert ms.merge([a, {**s1, "run": "aaaa"}])["run"] == "aaaa"
     prefix = str(tmp_path / "stats")
-    ms.atomic_write_json(ms.shard_path(prefix, 0, 2), a)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), b)
+    ms.atomic_write_json(sf.shard_path(prefix, 0, 2), a)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), b)
     with pytest.raises(MeasurementError, match="foreign shards .* run='bbbb'"):
-        ms.merge_files(prefix)
+        sf.merge_files(prefix)
     assert not (tmp_path / "stats.json").exists()
 
 
 def test_measure_start_checks_the_dump_path_and_removes_the_previous_run(tmp_path):
     prefix = str(tmp_path / "m" / "stats")
-    ms.check_writable(prefix, 1000)  # creates the folder
+    sf.check_writable(prefix, 1000)  # creates the folder
     s0, s1 = shards_for_uneven_row()
     for r, s in enumerate((s0, s1)):
-        ms.atomic_write_json(ms.shard_path(prefix, r, 2), s)
-    ms.atomic_write_json(ms.merged_path(prefix), ms.merge([s0, s1]))
-    assert ms.remove_previous(prefix, 1) == [prefix + "_1_2.json"]
-    assert sorted(ms.remove_previous(prefix, 0)) == [prefix + ".json", prefix + "_0_2.json"]
+        ms.atomic_write_json(sf.shard_path(prefix, r, 2), s)
+    ms.atomic_write_json(sf.merged_path(prefix), ms.merge([s0, s1]))
+    assert sf.remove_previous(prefix, 1) == [prefix + "_1_2.json"]
+    assert sorted(sf.remove_previous(prefix, 0)) == [prefix + ".json", prefix + "_0_2.json"]
     assert list((tmp_path / "m").iterdir()) == []
     with pytest.raises(MeasurementError, match=r"dump_stats_path .*: .* MiB free in .*, the measurements need about"):
-        ms.check_writable(prefix, 1 << 60)
+        sf.check_writable(prefix, 1 << 60)
     # An unwritable place (root ignores permission bits, so: a folder whose parent is a file).
     (tmp_path / "file").write_text("")
     with pytest.raises(MeasurementError, match="cannot write in .*file/sub: Not a directory; choose a writable"):
-        ms.check_writable(str(tmp_path / "file" / "sub" / "stats"))
+        sf.check_writable(str(tmp_path / "file" / "sub" / "stats"))
 
 
 @pytest.mark.parametrize("edit,fragment", [
@@ -264,20 +265,20 @@ def test_shard_rank_outside_world_is_named(tmp_path):
 # -- offline merge -----------------------------------------------------------------------------------------
 def write_shards(prefix, shards):
     for s in shards:
-        ms.atomic_write_json(ms.shard_path(prefix, s["rank"], s["world_size"]), s)
+        ms.atomic_write_json(sf.shard_path(prefix, s["rank"], s["world_size"]), s)
 
 
 def test_offline_merge_equals_online_merge_and_is_repeatable(tmp_path):
     prefix = str(tmp_path / "run" / "stats")
     shards = shards_for_uneven_row()
     write_shards(prefix, shards)
-    out = ms.merge_files(prefix)
+    out = sf.merge_files(prefix)
     assert out == prefix + ".json"
     first = Path(out).read_bytes()
     online = tmp_path / "online.json"
     ms.atomic_write_json(online, ms.merge(shards))
     assert first == online.read_bytes()
-    ms.merge_files(prefix)
+    sf.merge_files(prefix)
     assert Path(out).read_bytes() == first
 
 
@@ -285,31 +286,31 @@ def test_offline_merge_names_missing_duplicate_and_foreign_shards(tmp_path):
     prefix = str(tmp_path / "stats")
     s0, s1 = shards_for_uneven_row()
     with pytest.raises(MeasurementError, match=r"no shard files .*stats_RANK_WORLD.json found"):
-        ms.merge_files(prefix)
+        sf.merge_files(prefix)
     write_shards(prefix, [s0])
     with pytest.raises(MeasurementError, match=r"world size 2: missing .*stats_1_2.json"):
-        ms.merge_files(prefix)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s0)  # rank 0's data copied under rank 1's name
+        sf.merge_files(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), s0)  # rank 0's data copied under rank 1's name
     with pytest.raises(MeasurementError, match=r"stats_1_2.json: holds rank 0 of world size 2, but its name says "
                                                r"rank 1 of 2; duplicate of .*stats_0_2.json"):
-        ms.merge_files(prefix)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), dict(s1, fingerprint="f" * 16))
+        sf.merge_files(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), dict(s1, fingerprint="f" * 16))
     with pytest.raises(MeasurementError, match=r"foreign shards of .*: fingerprint='ffffffffffffffff': "
                                                r".*stats_1_2.json \(the other 1 have"):
-        ms.merge_files(prefix)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), dict(s1, observer="minmax"))
+        sf.merge_files(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), dict(s1, observer="minmax"))
     with pytest.raises(MeasurementError, match=r"observer='minmax': .*stats_1_2.json"):
-        ms.merge_files(prefix)
-    ms.atomic_write_json(ms.shard_path(prefix, 1, 2), s1)
-    ms.atomic_write_json(ms.shard_path(prefix, 0, 4), dict(s0, world_size=4))  # a stale run at TP=4
+        sf.merge_files(prefix)
+    ms.atomic_write_json(sf.shard_path(prefix, 1, 2), s1)
+    ms.atomic_write_json(sf.shard_path(prefix, 0, 4), dict(s0, world_size=4))  # a stale run at TP=4
     with pytest.raises(MeasurementError, match=r"several runs \(world size 2: .*stats_0_2.json, .*stats_1_2.json; "
                                                r"world size 4: .*stats_0_4.json\); pass --world-size N"):
-        ms.merge_files(prefix)
+        sf.merge_files(prefix)
     assert not Path(prefix + ".json").exists()  # nothing written on any error
-    assert ms.merge_files(prefix, world_size=2) == prefix + ".json"
+    assert sf.merge_files(prefix, world_size=2) == prefix + ".json"
     # Another prefix sharing the start of the name is not picked up.
     ms.atomic_write_json(str(tmp_path / "stats_x_0_2.json"), s0)
-    assert sorted(ms.find_shards(prefix)) == [(0, 2), (0, 4), (1, 2)]
+    assert sorted(sf.find_shards(prefix)) == [(0, 2), (0, 4), (1, 2)]
 
 
 # -- any TP size from one file -------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def deepspeed_sizes(total, tp):
 
 def observed_shard(x, kind, rank, sizes):
     """What a rank's MeasuredLinear records for input `x` (tokens, in_features)."""
-    from ds_quant.tp import Kind, TPLayout
+    from ds_quant.parallel.tp import Kind, TPLayout
 
     layout = TPLayout(Kind(kind), rank, len(sizes), tuple(sizes))
     part = layout.input_slice()
@@ -339,8 +340,8 @@ def test_measure_at_n_quantize_at_m(n, m):
     import torch
 
     from ds_quant.config import ActScope
-    from ds_quant.modules import input_amax
-    from ds_quant.tp import Kind, TPLayout
+    from ds_quant.layers.linear import input_amax
+    from ds_quant.parallel.tp import Kind, TPLayout
 
     torch.manual_seed(0)
     x = torch.randn(16, 352) * torch.linspace(0.1, 8, 352)  # channels of very different ranges
@@ -371,7 +372,7 @@ def test_check_layers_accepts_unknown_shapes_of_imported_files():
 
 
 def test_bench_merge_runs_small():
-    result = ms.bench_merge(n_shards=4, n_layers=14, width=100)
+    result = sf.bench_merge(n_shards=4, n_layers=14, width=100)
     assert result["n_shards"] == 4 and result["merge_seconds"] > 0 and result["offline_merge_seconds"] > 0
     assert result["shard_bytes"] > result["merged_bytes"] > 0
 
@@ -382,9 +383,8 @@ def test_a_rank_killed_mid_write_leaves_no_partial_file(tmp_path):
     import sys
 
     script = (
-        "import importlib.util, os, signal\n"  # load the module alone: no torch import, a fast subprocess
-        f"spec = importlib.util.spec_from_file_location('ms', {ms.__file__!r})\n"
-        "ms = importlib.util.module_from_spec(spec); spec.loader.exec_module(ms)\n"
+        "import os, signal\n"
+        "from ds_quant.files import measurements as ms\n"
         f"ms.atomic_write_json({str(tmp_path / 'stats.json')!r}, {{'old': 1}})\n"
         "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"ms.atomic_write_json({str(tmp_path / 'stats.json')!r}, {{'new': 2}})\n"

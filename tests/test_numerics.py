@@ -16,9 +16,9 @@ from torch import nn
 import ds_quant
 from bench.numerics_table import KINDS, layer_sqnr, make_data, quantize
 from ds_quant.config import DeviceForScales, QuantConfig, ScaleMethod
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import (
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import (
     PROFILES,
     RECIPES,
     Rounding,
@@ -189,7 +189,7 @@ def test_per_token_scales_follow_each_row():
     ref = x.double() @ layer.weight.detach().double().t()
     y = fp8(x)
     for row in (0, 3):
-        assert ds_quant.scales.sqnr_db(ref[row], y[row]) > 25
+        assert ds_quant.numerics.scales.sqnr_db(ref[row], y[row]) > 25
 
 
 def test_backoffs_from_scale_params():
@@ -240,7 +240,7 @@ def test_decode_shapes_every_method(method, tokens):
     ref = x[:tokens].double() @ layer.weight.detach().double().t()
     y = fp8(x[:tokens].reshape(1, tokens, -1))
     assert y.shape == (1, tokens, layer.out_features)
-    assert ds_quant.scales.sqnr_db(ref, y[0]) > 24
+    assert ds_quant.numerics.scales.sqnr_db(ref, y[0]) > 24
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from ds_quant import QuantConfig, ops
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import sqnr_db, to_fp8_saturated
+from ds_quant import QuantConfig
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics import ops
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import sqnr_db, to_fp8_saturated
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 needs_kernel = pytest.mark.skipif(ops.cpu_kernel().isa is None, reason=f"no CPU kernel: {ops.cpu_kernel().reason}")
@@ -205,7 +206,7 @@ def _in_subprocess(code: str, **env: str) -> str:
     return proc.stdout + proc.stderr
 
 
-CHOICE = ("import torch; from ds_quant import ops; b = ops.choose_backend(torch.device('cpu'), 1, 64, 64); "
+CHOICE = ("import torch; from ds_quant.numerics import ops; b = ops.choose_backend(torch.device('cpu'), 1, 64, 64); "
           "print('BACKEND', b.name, '|', b.reason)")
 
 
@@ -224,8 +225,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 
 VARIANT_CHECK = r"""
 import torch
-from ds_quant import ops
-from ds_quant.scales import to_fp8_saturated
+from ds_quant.numerics import ops
+from ds_quant.numerics.scales import to_fp8_saturated
 k = ops.cpu_kernel()
 print("ISA", k.isa, k.reason)
 g = torch.Generator().manual_seed(0)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.scales import sqnr_db
-from ds_quant.tp import TPLayout
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import sqnr_db
+from ds_quant.parallel.tp import TPLayout
 from tests.test_ds_layers import build
 
 layers = pytest.importorskip("deepspeed.module_inject.layers")

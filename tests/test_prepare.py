@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import ds_quant
-from ds_quant.measurements import MeasurementError
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.scales import sqnr_db
+from ds_quant.errors import MeasurementError
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics.scales import sqnr_db
 
 
 class Block(nn.Module):
@@ -123,7 +123,7 @@ class FusedExperts(nn.Module):
 
 
 def test_unhandled_3d_weights_are_named_and_counted_not_skipped_silently(tmp_path):
-    from ds_quant.patch import format_skipped, skipped_tp_layers
+    from ds_quant.layers.patch import format_skipped, skipped_tp_layers
 
     model = nn.ModuleDict({"experts": FusedExperts(), "conv": nn.Conv1d(2, 2, 3), "lin": nn.Linear(8, 8)})
     ds_quant.prep_model(model, cfg(tmp_path, mode="MEASURE"))

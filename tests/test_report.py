@@ -10,10 +10,11 @@ from torch import nn
 
 import ds_quant
 from ds_quant import cli
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.modules import Fp8Linear
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.scales import sqnr_db
 from ds_quant.report import quantize_with_report
-from ds_quant.scales import sqnr_db
 
 
 class Net(nn.Module):

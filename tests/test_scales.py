@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ds_quant.config import Fp8Format, QuantConfig, ScaleMethod
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear
-from ds_quant.scales import (
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import (
     INPUT_BACKOFF,
     WEIGHT_BACKOFF,
     Rounding,
@@ -136,7 +136,7 @@ def test_gaudi2_opt_weight_scales_stay_in_the_hardware_set():
     """A weight whose maxabs scale is already Gaudi2's smallest (2^-8): the opt search may not go below it
     (it picked 2^-12 and 2^-16 before: on small weights a smaller scale wins on MSE)."""
     from ds_quant.config import DeviceForScales
-    from ds_quant.scales import PROFILES, RECIPES, quantize_weight
+    from ds_quant.numerics.scales import PROFILES, RECIPES, quantize_weight
 
     torch.manual_seed(0)
     profile = PROFILES[DeviceForScales.GAUDI2]

@@ -1,4 +1,4 @@
-"""`smooth_alpha`: SmoothQuant-style smoothing folded into norms / up_proj before QUANTIZE (ds_quant/smooth.py).
+"""`smooth_alpha`: SmoothQuant-style smoothing folded into norms / up_proj before QUANTIZE (ds_quant/workflows/smooth.py).
 
 The factors are powers of two, so a folded bf16 model computes bit for bit what the original does (tolerance:
 none); they come from the model-level file and maxima of weights, so TP=1 and TP=2 fold the same ones."""
@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 import ds_quant
-from ds_quant import measurements, smooth
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.layer_spec import resolve
-from ds_quant.modules import Fp8Linear, MeasuredLinear
-from ds_quant.scales import sqnr_db
+from ds_quant import errors
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError
+from ds_quant.files import measurements, shards
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics.layer_spec import resolve
+from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows import hf_model, smooth
 from tests.launcher import ROOT, deepspeed
 
 OUTLIERS = [3, 17, 40]
@@ -95,7 +98,7 @@ def measured(tiny_model, tmp_path_factory):
 
 
 def _doc(prefix):
-    return measurements.load(measurements.merged_path(prefix))
+    return measurements.load(shards.merged_path(prefix))
 
 
 def test_folding_leaves_the_bf16_model_bit_identical_and_smooths_the_records(measured):
@@ -194,11 +197,11 @@ def test_an_architecture_without_a_known_pairing_is_refused_with_its_model_type(
     class Gemma(nn.Module):
         config = type("C", (), {"model_type": "gemma"})()
 
-    with pytest.raises(smooth.SmoothError, match=r"model_type 'gemma': which norm feeds which linear is not known "
+    with pytest.raises(errors.SmoothError, match=r"model_type 'gemma': which norm feeds which linear is not known "
                                                  r"for this architecture \(known: llama, mistral, qwen2, qwen3\); "
                                                  r"drop 'smooth_alpha'"):
         smooth.fold(Gemma(), {}, 0.5)
-    with pytest.raises(smooth.SmoothError, match=r"Sequential \(no config.model_type\)"):
+    with pytest.raises(errors.SmoothError, match=r"Sequential \(no config.model_type\)"):
         smooth.fold(nn.Sequential(nn.Linear(4, 4)), {}, 0.5)
 
 
@@ -217,7 +220,7 @@ def test_a_llama_missing_a_consumer_is_refused_naming_it():
             super().__init__()
             self.layers = nn.ModuleList([Layer()])
 
-    with pytest.raises(smooth.SmoothError, match=r"'layers.0.input_layernorm' has no consumer "
+    with pytest.raises(errors.SmoothError, match=r"'layers.0.input_layernorm' has no consumer "
                                                  r"'layers.0.self_attn.k_proj'"):
         smooth.fold(Model(), {}, 0.5)
 
@@ -229,7 +232,7 @@ def test_statistics_of_another_width_are_refused_before_any_weight_changes(measu
     layers[name] = {**layers[name], "input_channel_amax": np.ones(100, dtype=np.float32)}
     model = outlier_llama_from(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(smooth.SmoothError, match=r"layer 'model.layers.2.mlp.down_proj': its local weight has 352 "
+    with pytest.raises(errors.SmoothError, match=r"layer 'model.layers.2.mlp.down_proj': its local weight has 352 "
                                                  r"input channels, the measured statistics 100"):
         smooth.fold(model, layers, 0.5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -251,8 +254,8 @@ def test_smooth_alpha_is_off_unless_given_and_refused_with_methods_that_read_no_
 
 
 def test_the_report_entry_point_which_has_no_model_refuses_smoothing(measured):
-    from ds_quant.patch import find, make_filter
-    from ds_quant.prepare import fp8_maker
+    from ds_quant.layers.patch import find, make_filter
+    from ds_quant.workflows.quantize import fp8_maker
 
     path, prefix = measured
     cfg = QuantConfig.from_dict({"method": "HOOKS", "dump_stats_path": prefix, "smooth_alpha": 0.5})
@@ -266,16 +269,15 @@ def test_quantize_on_load_refuses_smoothing_instead_of_ignoring_it(measured, mon
     with no whole model to fold into: the key is refused, not silently dropped."""
     from transformers import AutoModelForCausalLM
 
-    from ds_quant import load as fp8_load
 
     path, prefix = measured
     cfg = QuantConfig.from_dict({"method": "HOOKS", "dump_stats_path": prefix, "smooth_alpha": 0.5})
-    monkeypatch.setenv(fp8_load.QUANTIZE_ON_LOAD_ENV, "1")
-    fp8_load.install_from_pretrained(lambda: cfg)
+    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
+    hf_model.install_from_pretrained(lambda: cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         with pytest.raises(ConfigError, match=r"key 'smooth_alpha' applies to in-memory QUANTIZE of a bf16 model, "
                                               r"not to FP8 checkpoints or quantize-on-load"):
             ds_quant.prep_model(model, cfg)
     finally:
-        fp8_load.install_from_pretrained(lambda: None)
+        hf_model.install_from_pretrained(lambda: None)

@@ -9,9 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ds_quant
-from ds_quant.config import ConfigError, QuantConfig
-from ds_quant.modules import Fp8Linear
-from ds_quant.tensor_dump import dump_path
+from ds_quant.config import QuantConfig
+from ds_quant.errors import ConfigError
+from ds_quant.files.tensor_dump import dump_path
+from ds_quant.layers.linear import Fp8Linear
 from tests.test_prepare import Tiny
 
 

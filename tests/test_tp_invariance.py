@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_quant import measurements as ms
-from ds_quant.scales import sqnr_db
+from ds_quant.files import measurements as ms
+from ds_quant.files import shards as sf
+from ds_quant.numerics.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
 
 pytestmark = pytest.mark.distributed
@@ -67,7 +68,7 @@ def reports(work: Path, scope: str, tp: int) -> list[dict]:
 
 
 def test_offline_merge_of_the_shards_equals_the_online_merge(work, tmp_path):
-    out = ms.merge_files(str(work / "stats" / "tiny"), out=str(tmp_path / "offline.json"))
+    out = sf.merge_files(str(work / "stats" / "tiny"), out=str(tmp_path / "offline.json"))
     assert Path(out).read_bytes() == (work / "stats" / "tiny.json").read_bytes()
 
 

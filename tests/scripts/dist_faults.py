@@ -18,9 +18,11 @@ from pathlib import Path
 import deepspeed
 import torch.distributed as dist
 
-from ds_quant import dist as dsq_dist
-from ds_quant import measurements as ms
-from ds_quant.prepare import read_measurements
+from ds_quant import errors
+from ds_quant.files import measurements as ms
+from ds_quant.files import shards as sf
+from ds_quant.parallel import dist as dsq_dist
+from ds_quant.workflows.quantize import read_measurements
 
 work = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]).resolve()
 deepspeed.init_distributed(dist_backend="gloo")
@@ -68,7 +70,7 @@ def big_merged() -> None:
     # Large enough for the companion binary; then corrupt one byte of it (sha256 mismatch).
     layers = {f"l{i}": {**layer("column", [1.0] * 6), "in_features": 40000, "local_in_features": 40000,
                         "input_channel_amax": [1.0] * 40000} for i in range(2)}
-    ms.atomic_write_json(ms.merged_path(PREFIX), ms.merge([ms.make_shard(layers, 0, 1, "maxabs", "bfloat16")]))
+    ms.atomic_write_json(sf.merged_path(PREFIX), ms.merge([ms.make_shard(layers, 0, 1, "maxabs", "bfloat16")]))
     blob = next(Path("stats").glob("m.*.f32"))
     data = bytearray(blob.read_bytes())
     data[5] ^= 0xFF
@@ -76,17 +78,17 @@ def big_merged() -> None:
 
 
 CASES = {
-    "merged_on_both": lambda: on((0, 1), lambda: ms.atomic_write_json(ms.merged_path(PREFIX), MERGED)),
-    "merged_on_rank1_only": lambda: on((1,), lambda: ms.atomic_write_json(ms.merged_path(PREFIX), MERGED)),
-    "shards_spread_over_nodes": lambda: ms.atomic_write_json(ms.shard_path(PREFIX, rank, 2), SHARDS[rank]),
-    "shard_1_missing": lambda: on((0,), lambda: ms.atomic_write_json(ms.shard_path(PREFIX, 0, 2), SHARDS[0])),
+    "merged_on_both": lambda: on((0, 1), lambda: ms.atomic_write_json(sf.merged_path(PREFIX), MERGED)),
+    "merged_on_rank1_only": lambda: on((1,), lambda: ms.atomic_write_json(sf.merged_path(PREFIX), MERGED)),
+    "shards_spread_over_nodes": lambda: ms.atomic_write_json(sf.shard_path(PREFIX, rank, 2), SHARDS[rank]),
+    "shard_1_missing": lambda: on((0,), lambda: ms.atomic_write_json(sf.shard_path(PREFIX, 0, 2), SHARDS[0])),
     "nothing": lambda: None,
-    "truncated_merged": lambda: (ms.atomic_write_json(ms.merged_path(PREFIX), MERGED), truncate(ms.merged_path(PREFIX))),
-    "truncated_on_rank1_only": lambda: (ms.atomic_write_json(ms.merged_path(PREFIX), MERGED),
-                                        on((1,), lambda: truncate(ms.merged_path(PREFIX)))),
-    "wrong_version": lambda: Path(ms.merged_path(PREFIX)).write_text(ms.dumps({**MERGED, "version": 7})),
+    "truncated_merged": lambda: (ms.atomic_write_json(sf.merged_path(PREFIX), MERGED), truncate(sf.merged_path(PREFIX))),
+    "truncated_on_rank1_only": lambda: (ms.atomic_write_json(sf.merged_path(PREFIX), MERGED),
+                                        on((1,), lambda: truncate(sf.merged_path(PREFIX)))),
+    "wrong_version": lambda: Path(sf.merged_path(PREFIX)).write_text(ms.dumps({**MERGED, "version": 7})),
     "bad_companion_sha": big_merged,
-    "shards_of_two_runs": lambda: ms.atomic_write_json(ms.shard_path(PREFIX, rank, 2),
+    "shards_of_two_runs": lambda: ms.atomic_write_json(sf.shard_path(PREFIX, rank, 2),
                                                        {**SHARDS[rank], "run": f"run{rank}"}),
 }
 
@@ -105,13 +107,13 @@ for name, setup in CASES.items():
 # An error on one rank only, in any check: every rank raises the same one.
 def fails_on_rank1():
     if rank == 1:
-        raise ms.MeasurementError("stats/m.json: something only rank 1 sees")
+        raise errors.MeasurementError("stats/m.json: something only rank 1 sees")
     return "fine"
 
 
 try:
     results["agree_one_rank"] = {"ok": dsq_dist.agree(fails_on_rank1, None, what="QUANTIZE")}
-except dsq_dist.RankError as e:
+except errors.RankError as e:
     results["agree_one_rank"] = {"error": type(e).__name__, "message": str(e)}
 
 # MEASURE's start on a dump path one node cannot write: stopped before calibration, on every rank.
@@ -120,9 +122,9 @@ if rank == 1:
     shutil.rmtree("stats")
     Path("stats").write_text("a file where the folder should be")
 try:
-    dsq_dist.agree(lambda: ms.check_writable("stats/sub/m", 1000), None, what="MEASURE")
+    dsq_dist.agree(lambda: sf.check_writable("stats/sub/m", 1000), None, what="MEASURE")
     results["unwritable_on_rank1"] = {"ok": "written"}
-except dsq_dist.RankError as e:
+except errors.RankError as e:
     results["unwritable_on_rank1"] = {"error": type(e).__name__, "message": str(e)}
 
 results["expected_digest"] = digest(MERGED)

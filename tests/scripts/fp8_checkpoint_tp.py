@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_quant
-import ds_quant.load
-from ds_quant.modules import Fp8Linear
-from ds_quant.tp import DS_SPECS
+import ds_quant.workflows.load
+from ds_quant.layers.linear import Fp8Linear
+from ds_quant.parallel.tp import DS_SPECS
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 plan, out = json.load(open(args[0])), args[1]
@@ -57,9 +57,9 @@ for case in plan:
         del ref_model
     inmem, inmem_experts = references[key]
     if case.get("quantize_on_load"):  # "fp8" is then the bf16 folder, quantized as each rank reads it
-        os.environ[ds_quant.load.QUANTIZE_ON_LOAD_ENV] = "1"
+        os.environ[ds_quant.workflows.hf_model.QUANTIZE_ON_LOAD_ENV] = "1"
     model, ckpt, on_meta = load(case["fp8"])
-    os.environ.pop(ds_quant.load.QUANTIZE_ON_LOAD_ENV, None)
+    os.environ.pop(ds_quant.workflows.hf_model.QUANTIZE_ON_LOAD_ENV, None)
     results[case["name"]] = {
         "seconds": time.perf_counter() - start,  # the in-memory reference (if not shared) and the load
         "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),

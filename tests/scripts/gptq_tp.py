@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_quant
-from ds_quant.modules import Fp8Linear
+from ds_quant.layers.linear import Fp8Linear
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 path, measure_cfg, quant_cfg, out = args

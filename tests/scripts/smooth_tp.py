@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_quant
-from ds_quant import measurements, smooth
-from ds_quant.prepare import model_tp
+from ds_quant.files import measurements, shards
+from ds_quant.layers.patch import model_tp
+from ds_quant.workflows import smooth
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 path, stats, alpha, config, out = args[0], args[1], float(args[2]), args[3], args[4]
@@ -33,7 +34,7 @@ model = load()
 _, _, group = model_tp(model)
 with torch.no_grad():
     before = model(ids).logits
-layers, factors = smooth.fold(model, measurements.load(measurements.merged_path(stats))["layers"], alpha, group)
+layers, factors = smooth.fold(model, measurements.load(shards.merged_path(stats))["layers"], alpha, group)
 with torch.no_grad():
     unchanged = bool(torch.equal(model(ids).logits, before))
 records = {n: {"input_amax": layers[n]["input_amax"], "weight_amax": layers[n]["weight_amax"],

@@ -1,0 +1,559 @@
+"""FP8 KV cache on transformers' own Cache API (HQT's `KVCache` type).
+
+`generate()` builds a `DynamicCache`: one layer object per decoder layer. ds_quant swaps its full-attention
+layers for
+
+    MeasuredKVLayer  MEASURE   transformers' `DynamicLayer`, plus the per-head max-abs of every key and value stored
+    Fp8KVLayer       QUANTIZE  keys/values stored in FP8 (`fp8_config`: E4M3 or E5M2) with one static scale per layer
+                               and tensor (k, v) from the measurements, cast saturating; de-quantized on read, so
+                               attention computes what it always computes
+
+On transformers 5, `Fp8KVLayer` is a `Fp8QuantizedLayer` (the layer of `QuantizedCache(backend="fp8")`, with its
+`_quantized_keys = (fp8, scale)` storage) whose scale comes from the measurements instead of the prompt, and whose
+cast saturates (the prompt's scale lets later tokens overflow to NaN). transformers 4.57 has no FP8 layer: there it
+is a `DynamicLayer` with the same methods. Like transformers' layer, the first update (the prompt) returns the
+states as they came; later reads de-quantize (on CPU with a compiled kernel, `numerics/csrc/kv_cache_cpu.cpp`).
+
+Decode on the FP8 cache (CPU, QUANTIZE, a model whose attention was `sdpa`): ds_quant registers the attention
+implementation `ds_quant_kv` and points the model's config at it. Later reads then return the cache as
+`Fp8KVTensor`s (the FP8 buffer and its scale, looking like the bf16 tensor they stand for), and for one query token
+`ds_quant_kv` computes attention straight from the FP8 bytes (`ds_quant_kv::decode_attention`: each key and value
+row read once, one byte per element, no bf16 copy of the cache). Anything else (several query tokens, a mask or an
+argument it does not implement, a bf16 cache) runs sdpa on the de-quantized tensors, and any other code that
+touches an `Fp8KVTensor` sees it de-quantized (`__torch_dispatch__`). `DS_QUANT_KV_ATTENTION=0` turns it off.
+
+Which cache generate() gets: `prep_model` replaces the prepared model's `_prepare_cache_for_generation` (on the
+instance) by one that swaps the layers of the `DynamicCache` generate() would build by default. A cache the caller
+passes, or a `cache_implementation` they set, is left as it is; `make_kv_cache(model)` builds ours explicitly (for
+forward calls, or to reuse across generate() calls).
+
+Measurements: per layer, the per-head max-abs of keys and values, this rank's heads (AutoTP splits the KV heads
+over the TP ranks); merged over ranks by concatenating in rank order (measurements.merge_kv). The scale is per
+layer (max over heads), so it is the same at every TP size.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import KV_CACHE_TYPES, Mode, QuantConfig
+from ..errors import MeasurementError
+from ..files.measurements import kv_record
+from ..log import current_rank, get_logger
+from ..numerics import layer_spec
+from ..numerics.ops import cpu_kernel_tag
+from ..numerics.scales import Act, amax_to_scale, to_fp8_saturated
+from .attention import attention_modules
+
+KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
+_PLAN_ATTR = "_ds_quant_kv"
+ATTN_IMPL = "ds_quant_kv"  # the attention implementation that reads the FP8 cache directly
+_FALLBACK_ATTR = "_ds_quant_kv_fallback"  # on each attention module: the implementation the model had
+_CALLS_ATTR = "_ds_quant_kv_calls"  # on each attention module: {"fused": n, "fallback": n}
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "numerics", "csrc", "kv_cache_cpu.cpp")
+
+
+# -- what to do, per layer ------------------------------------------------------------------------------------
+@dataclass
+class KVStats:
+    """Running per-head max-abs of one layer's keys and values on this rank."""
+    key: torch.Tensor | None = None  # (local heads,) float32
+    value: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.numel() == 0:
+            return
+        ka, va = (t.detach().abs().amax(dim=(0, 2, 3)).float().cpu() for t in (k, v))  # (B, H, S, D) -> (H,)
+        self.key = ka if self.key is None else torch.maximum(self.key, ka)
+        self.value = va if self.value is None else torch.maximum(self.value, va)
+        self.tokens += int(k.shape[0] * k.shape[2])
+
+
+@dataclass
+class KVPlan:
+    """The KV-cache layers of one prepared model: {layer index: name}, and per mode the stats or the scales."""
+    mode: Mode
+    names: dict[int, str]
+    model_heads: int  # the model's KV heads (all ranks)
+    dtype: torch.dtype = torch.float8_e4m3fn
+    limit: float = 448.0
+    backoff: float = 0.25
+    scales: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # None: from the prompt
+    stats: dict[int, KVStats] = field(default_factory=dict)
+    source: str = ""  # QUANTIZE: the measurement file the scales come from
+    fused: bool = False  # QUANTIZE: reads return Fp8KVTensors for `ds_quant_kv` (see the module docstring)
+
+    def layer(self, idx: int):
+        """A fresh cache layer for decoder layer `idx`, or None to keep transformers' own."""
+        if idx not in self.names:
+            return None
+        if self.mode is Mode.MEASURE:
+            return measured_layer_class()(self.stats.setdefault(idx, KVStats()))
+        k_scale, v_scale = self.scales[idx]
+        layer = fp8_layer_class()(k_scale, v_scale, self.dtype, self.limit, self.backoff)
+        layer.fused = self.fused
+        return layer
+
+
+def kv_names(model) -> dict[int, str]:
+    """{decoder layer index: name of its KV cache}: `{attention module}.kv_cache` (modules with a `layer_idx`)."""
+    names = {}
+    for fqn, m in attention_modules(model).items():
+        names.setdefault(m.layer_idx, f"{fqn}.kv_cache")
+    return names
+
+
+def selected(cfg: QuantConfig, name: str) -> bool:
+    """HQT's rule, as for linears: in the allowlist (types or names; both empty = every supported type) and in
+    neither blocklist list."""
+    allow, block = cfg.allowlist, cfg.blocklist
+    if allow.narrows() and not allow.matches(KV_TYPE, name):
+        return False
+    return not block.matches(KV_TYPE, name)
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    return None if config is None else config.get_text_config(decoder=True)
+
+
+def _supports_cache(model) -> bool:
+    return hasattr(model, "_prepare_cache_for_generation") and _text_config(model) is not None
+
+
+def plan_for(model, cfg: QuantConfig, load=None) -> KVPlan | None:
+    """The plan for `model` under `cfg`, or None when the model has no KV cache ds_quant can swap or the config
+    selects none. QUANTIZE: `load()` -> (measurement document, its path), called only if static scales are needed."""
+    if not _supports_cache(model):
+        return None
+    text = _text_config(model)
+    all_names = kv_names(model)
+    names = {i: n for i, n in all_names.items() if selected(cfg, n) and _full_attention(text, i)}
+    if not names:
+        return None
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    specs = {n: layer_spec.resolve(cfg, n, "kv_cache") for n in names.values()}
+    first = next(iter(specs.values()))  # dtype, device profile and backoff are the same for every KV layer
+    plan = KVPlan(cfg.mode, names, heads, first.fp8_dtype, first.fp8_max, first.input_backoff)
+    if cfg.mode is Mode.QUANTIZE:
+        plan.scales, plan.source = _scales(plan, specs, cfg, load)
+        if plan.scales is None:
+            return None
+    return plan
+
+
+def _full_attention(text, idx: int) -> bool:
+    types = getattr(text, "layer_types", None)
+    return types is None or idx >= len(types) or types[idx] == "full_attention"
+
+
+def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], cfg: QuantConfig, load):
+    """({idx: (k_scale, v_scale)}, source) from the measurements' kv records; (None, source) keeps the bf16 cache
+    (a file without kv records, e.g. calibrated by forward calls only, and a config that does not name KVCache)."""
+    out, missing = {}, []
+    static = [n for n in plan.names.values() if specs[n].recipe.act is Act.STATIC]
+    doc, where = load() if static and load is not None else ({}, "")
+    records = doc.get("kv", {})
+    for idx, name in plan.names.items():
+        recipe = specs[name].recipe
+        if recipe.act is Act.UNIT:
+            out[idx] = (1.0, 1.0)
+        elif recipe.act is Act.DYNAMIC:
+            out[idx] = (None, None)  # from the prompt, as transformers' Fp8QuantizedLayer does
+        elif name not in records:
+            missing.append(name)
+        else:
+            rec = records[name]
+            if len(rec["key_head_amax"]) != plan.model_heads:
+                raise MeasurementError(f"{where}: {name}: measured {len(rec['key_head_amax'])} KV heads, the model "
+                                       f"has {plan.model_heads}; measure this model")
+            out[idx] = tuple(float(specs[name].input_scale(max(rec[k]))) for k in ("key_head_amax", "value_head_amax"))
+    if missing and KV_TYPE in cfg.allowlist.types:
+        raise MeasurementError(f"{where}: no KV-cache measurements for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+                               "; run MEASURE with this config and a script that calls model.generate()")
+    if missing and len(missing) == len(plan.names):
+        get_logger().info(f"KV cache stays in high precision: {where} has no KV-cache records (MEASURE records "
+                          "them during model.generate(); calibration by forward calls alone records none)")
+        return None, where
+    if missing:
+        raise MeasurementError(f"{where}: KV-cache records for some layers but not {missing[:3]}; measure again")
+    return out, where
+
+
+# -- installing it into generate() ------------------------------------------------------------------------------
+def install(model, cfg: QuantConfig, load=None) -> KVPlan | None:
+    """Make `model.generate()` use ds_quant's KV-cache layers by default (see the module docstring)."""
+    plan = plan_for(model, cfg, load)
+    if plan is None:
+        return None
+    setattr(model, _PLAN_ATTR, plan)
+    original = model._prepare_cache_for_generation
+
+    @functools.wraps(original)
+    def prepare_cache(*args, **kwargs):
+        out = original(*args, **kwargs)
+        model_kwargs = kwargs.get("model_kwargs", args[1] if len(args) > 1 else None)
+        for key in ("cache", "past_key_values"):  # transformers 5.24 / 4.57 names
+            cache = (model_kwargs or {}).get(key)
+            if cache is not None and not getattr(cache, "_is_user_defined", False) and _is_default_cache(cache):
+                swap_layers(cache, plan)
+        return out
+
+    model._prepare_cache_for_generation = prepare_cache
+    if plan.mode is Mode.QUANTIZE:
+        plan.fused = install_attention(model)
+    if current_rank() == 0:
+        what = (f"recording KV-cache max-abs per head in {len(plan.names)} layer(s)" if plan.mode is Mode.MEASURE
+                else f"KV cache in {str(plan.dtype).replace('torch.', '')} in {len(plan.names)} layer(s)"
+                + (f", static scales from {plan.source}" if plan.source else "")
+                + (f"; decode attention reads it directly (attention implementation '{ATTN_IMPL}')" if plan.fused
+                   else ""))
+        get_logger().info(f"{plan.mode.value}: {what} (generate() builds it; ds_quant.layers.kv_cache.make_kv_cache "
+                          "for explicit use)")
+    return plan
+
+
+def _is_default_cache(cache) -> bool:
+    from transformers import DynamicCache
+
+    return type(cache) is DynamicCache
+
+
+def swap_layers(cache, plan: KVPlan):
+    """Replace the plain full-attention layers of a fresh DynamicCache by ds_quant's, in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    for idx, layer in enumerate(cache.layers):
+        new = plan.layer(idx) if type(layer) is DynamicLayer else None
+        if new is not None:
+            cache.layers[idx] = new
+    return cache
+
+
+def make_kv_cache(model):
+    """A fresh cache with ds_quant's layers for a prepared model (pass it as `past_key_values=` / `cache=`)."""
+    plan: KVPlan | None = getattr(model, _PLAN_ATTR, None)
+    if plan is None:
+        raise RuntimeError("make_kv_cache: this model has no ds_quant KV cache (not prepared, or the config selects "
+                           "no KVCache)")
+    from transformers import DynamicCache
+
+    return swap_layers(DynamicCache(config=model.config), plan)
+
+
+def plan_of(model) -> KVPlan | None:
+    return getattr(model, _PLAN_ATTR, None)
+
+
+# -- measurements ------------------------------------------------------------------------------------------------
+def records(model) -> dict[str, dict]:
+    """This rank's kv records for the shard file (see measurements.merge_kv for the merged form)."""
+    plan = plan_of(model)
+    if plan is None or plan.mode is not Mode.MEASURE:
+        return {}
+    out = {}
+    for idx, name in plan.names.items():
+        s = plan.stats.get(idx)
+        if s is None or s.key is None:
+            continue
+        out[name] = kv_record(idx, plan.model_heads, s.key.tolist(), s.value.tolist(), s.tokens)
+    return out
+
+
+# -- the cache layers ----------------------------------------------------------------------------------------------
+def quantize_kv(x_hp: torch.Tensor, scale: float, dtype: torch.dtype, limit: float) -> torch.Tensor:
+    return to_fp8_saturated(x_hp, torch.tensor(scale, dtype=torch.float32, device=x_hp.device), dtype, limit)
+
+
+def dequantize_kv(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """(x_fp8.float() * scale).to(dtype): the compiled kernel on CPU (torch's FP8 conversion is slow there)."""
+    if x_fp8.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_kernel():
+        return torch.ops.ds_quant_kv.dequantize(x_fp8, scale, dtype)
+    return dequantize_kv_reference(x_fp8, scale, dtype)
+
+
+def dequantize_kv_reference(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return (x_fp8.float() * torch.tensor(scale, dtype=torch.float32, device=x_fp8.device)).to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernel() -> bool:
+    """Build (first use on this CPU kind, ~15 s) or load the de-quantization kernel; False (and a warning) if not."""
+    if os.environ.get("DS_QUANT_CPU_KERNEL", "1") == "0":
+        return False
+
+    root = os.environ.get("DS_QUANT_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ds_quant", "kernels")
+    march = os.environ.get("DS_QUANT_CPU_KERNEL_MARCH", "native")
+    build_dir = os.path.join(root, f"kv_cache_cpu-{cpu_kernel_tag()}-{march}")
+    try:
+        from torch.utils import cpp_extension
+
+        os.makedirs(build_dir, exist_ok=True)
+        # -fopenmp: at::parallel_for splits the de-quantization over the rank's threads (without it, one thread)
+        cpp_extension.load(name="ds_quant_kv_cache_cpu", sources=[CSRC], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False, verbose=False)
+        return True
+    except Exception as e:  # no compiler: the reference runs, slower, and the log says why
+        msg = str(e).strip().splitlines()[-1][:200] if str(e) else ""
+        get_logger().warning(f"KV-cache de-quantization kernel unavailable ({type(e).__name__}: {msg}); the FP8 "
+                             "KV cache de-quantizes with plain torch on CPU (slow)")
+        return False
+
+
+GROW_TOKENS = 64  # room a full FP8 buffer grows by: one copy per 64 decode steps instead of one per step
+
+
+def append_tokens(q_fp8: torch.Tensor, new_fp8: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) + (B, H, n, D) -> (B, H, S + n, D), a view of a buffer with room for GROW_TOKENS more (the
+    prompt's buffer is exact): appending writes only the new tokens, where torch.cat copies the whole cache."""
+    s, n = q_fp8.shape[2], new_fp8.shape[2]
+    base = q_fp8._base if q_fp8._base is not None else q_fp8
+    if base.shape[:2] != q_fp8.shape[:2] or base.shape[3] != q_fp8.shape[3] or base.dim() != 4 or \
+            s + n > base.shape[2] or base.data_ptr() != q_fp8.data_ptr():
+        fresh = q_fp8.new_empty((*q_fp8.shape[:2], s + n + (GROW_TOKENS if s else 0), q_fp8.shape[3]))
+        fresh[:, :, :s] = q_fp8
+        base = fresh
+    base[:, :, s:s + n] = new_fp8
+    return base[:, :, :s + n]
+
+
+class Fp8KVTensor(torch.Tensor):
+    """The FP8 cache of one layer standing in for its de-quantized (B, H, S, D) tensor: `fp8` (a view of the cache's
+    buffer) and `scale`. `ds_quant_kv` reads the bytes; every other operation sees `dequantize()`."""
+
+    @staticmethod
+    def __new__(cls, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, fp8.shape, dtype=dtype, device=fp8.device,
+                                                   requires_grad=False)
+
+    def __init__(self, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        self.fp8, self.scale = fp8, float(scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_kv(self.fp8, self.scale, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Fp8KVTensor(shape={tuple(self.shape)}, {self.fp8.dtype} -> {self.dtype}, scale={self.scale})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        plain = lambda t: t.dequantize() if isinstance(t, Fp8KVTensor) else t  # noqa: E731
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
+def _fusable(module, query, key, value, mask, dropout, kwargs) -> bool:
+    """One query token, FP8 K and V of the same layout, a mask the kernel implements (none, or (1|B, 1, 1, S) bool
+    or additive), nothing the kernel does not do (dropout, sliding window, soft-capping, sinks)."""
+    if not (isinstance(key, Fp8KVTensor) and isinstance(value, Fp8KVTensor)) or query.dim() != 4 or \
+            query.shape[2] != 1 or query.device.type != "cpu" or dropout or getattr(module, "training", False):
+        return False
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")) or \
+            getattr(module, "sinks", None) is not None:
+        return False
+    b, hq, _, d = query.shape
+    _, hkv, s, dk = key.shape
+    if dk != d or hkv == 0 or hq % hkv or key.fp8.stride(3) != 1 or key.fp8.stride(2) != d or \
+            value.fp8.stride(3) != 1 or value.fp8.stride(2) != d or tuple(value.shape) != tuple(key.shape):
+        return False
+    return mask is None or (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1:3] == (1, 1) and
+                            mask.shape[3] == s and (mask.dtype == torch.bool or mask.is_floating_point()))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """`ds_quant_kv`: one decode step straight from the FP8 cache where it can (see `_fusable`), otherwise the
+    model's own implementation on the de-quantized tensors. Returns (output (B, S_q, H, D), None)."""
+    calls = getattr(module, _CALLS_ATTR, None)
+    if _fusable(module, query, key, value, attention_mask, dropout, kwargs):
+        s = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.ds_quant_kv.decode_attention(query, key.fp8, key.scale, value.fp8, value.scale,
+                                                      attention_mask, s)
+        if calls is not None:
+            calls["fused"] += 1
+        return out, None
+    if calls is not None:
+        calls["fallback"] += 1
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    key = key.dequantize() if isinstance(key, Fp8KVTensor) else key
+    value = value.dequantize() if isinstance(value, Fp8KVTensor) else value
+    fallback = ALL_ATTENTION_FUNCTIONS[getattr(module, _FALLBACK_ATTR, "sdpa")]
+    return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def install_attention(model) -> bool:
+    """Route the model's attention through `ds_quant_kv` (CPU, the kernel built, attention `sdpa`,
+    DS_QUANT_KV_ATTENTION not 0). False: reads de-quantize, as before."""
+    text = _text_config(model)
+    impl = getattr(text, "_attn_implementation", None)
+    if os.environ.get("DS_QUANT_KV_ATTENTION", "1") == "0" or impl not in ("sdpa", ATTN_IMPL):
+        return False
+    params = next(iter(model.parameters()), None)
+    if params is not None and params.device.type not in ("cpu", "meta"):
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # a transformers without the attention interface
+        return False
+    if not cpu_kernel():
+        return False
+    AttentionInterface.register(ATTN_IMPL, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # None or a bool mask
+    for m in attention_modules(model).values():
+        setattr(m, _FALLBACK_ATTR, "sdpa")
+        setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
+    text._attn_implementation = ATTN_IMPL
+    return True
+
+
+def attention_calls(model) -> dict[str, int]:
+    """How many attention calls of a prepared model `ds_quant_kv` ran from the FP8 cache ("fused") and how many it
+    handed to the model's own implementation ("fallback"), summed over layers (tests, the bench, debugging)."""
+    out = {"fused": 0, "fallback": 0}
+    for m in model.modules():
+        for k, v in (getattr(m, _CALLS_ATTR, None) or {}).items():
+            out[k] += v
+    return out
+
+
+class _Fp8KV:
+    """Mixed into transformers' `Fp8QuantizedLayer` (5.x) or `DynamicLayer` (4.57): see the module docstring.
+    `_quantized_keys` / `_quantized_values`: (FP8 tensor (B, H, S, D), float scale)."""
+    is_croppable = True
+    fused = False  # reads return Fp8KVTensors (set by KVPlan.layer when `ds_quant_kv` runs the model's attention)
+
+    def __init__(self, k_scale: float | None, v_scale: float | None, dtype: torch.dtype, limit: float,
+                 backoff: float):
+        super().__init__()
+        self.fp8_dtype, self.fp8_max, self._backoff = dtype, limit, backoff
+        self._static_scales = (k_scale, v_scale)
+        self.cumulative_length = 0
+        self._quantized_keys = self._quantized_values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(0)  # the high-precision slots stay empty: everything lives in FP8
+        self.values = key_states.new_empty(0)
+        empty = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]), dtype=self.fp8_dtype)
+        scales = [s if s is not None else self._prompt_scale(t)
+                  for s, t in zip(self._static_scales, (key_states, value_states), strict=True)]
+        self._quantized_keys, self._quantized_values = (empty, scales[0]), (empty.clone(), scales[1])
+        self.is_initialized = True
+
+    def _prompt_scale(self, t: torch.Tensor) -> float:
+        return float(amax_to_scale(t.detach().abs().amax().float(), self.fp8_max, self._backoff))
+
+    def _quantize(self, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        return quantize_kv(tensor, scale, self.fp8_dtype, self.fp8_max)
+
+    def _dequantize(self, qtensor) -> torch.Tensor:
+        return dequantize_kv(qtensor[0], qtensor[1], self.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        first = self.cumulative_length == 0
+        self.cumulative_length += key_states.shape[-2]
+        (qk, ks), (qv, vs) = self._quantized_keys, self._quantized_values
+        self._quantized_keys = (append_tokens(qk, self._quantize(key_states, ks)), ks)
+        self._quantized_values = (append_tokens(qv, self._quantize(value_states, vs)), vs)
+        if first:  # the prompt attends to itself as it came, as in transformers' FP8 layer
+            return key_states, value_states
+        if self.fused and key_states.device.type == "cpu":  # fused: the kernel is built (install_attention)
+            return (Fp8KVTensor(*self._quantized_keys, self.dtype),
+                    Fp8KVTensor(*self._quantized_values, self.dtype))
+        return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self._quantized_keys = self._quantized_values = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def _apply(self, fn) -> None:
+        if self.is_initialized:
+            (qk, ks), (qv, vs) = self._quantized_keys, self._quantized_values
+            self._quantized_keys, self._quantized_values = (fn(qk), ks), (fn(qv), vs)
+            self.cumulative_length = self._quantized_keys[0].shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self._quantized_keys[0].device)
+            self._apply(lambda t: t.index_select(0, beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+    def crop(self, n: int) -> None:
+        """n >= 0: keep the first n tokens (transformers 4.57's form); n < 0: drop the last -n (both versions)."""
+        keep = n if n >= 0 else self.cumulative_length + n
+        if 0 <= keep < self.cumulative_length:
+            self._apply(lambda t: t[..., :keep, :])
+
+    def offload(self):  # the FP8 states stay where they are (offloading is not supported with this layer)
+        return None
+
+    def prefetch(self):
+        return None
+
+
+class _MeasuredKV:
+    """Mixed into transformers' `DynamicLayer`: the same cache, plus statistics of what it stores."""
+
+    def __init__(self, stats: KVStats):
+        super().__init__()
+        self._stats = stats
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._stats.add(key_states, value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def fp8_layer_class() -> type:
+    from transformers import cache_utils
+
+    base = getattr(cache_utils, "Fp8QuantizedLayer", None) or cache_utils.DynamicLayer
+    return type("Fp8KVLayer", (_Fp8KV, base), {"__module__": __name__, "__doc__": _Fp8KV.__doc__})
+
+
+@functools.lru_cache(maxsize=1)
+def measured_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    return type("MeasuredKVLayer", (_MeasuredKV, DynamicLayer), {"__module__": __name__,
+                                                                 "__doc__": _MeasuredKV.__doc__})
+
+
+def describe(cache) -> dict:
+    """Layer types, storage dtypes and bytes of a cache (for tests, the bench and reports): `bytes` is what the
+    layers' tensors allocate (an FP8 buffer's room for more tokens included), `held_bytes` what the tokens in it take."""
+    layers = list(getattr(cache, "layers", []))
+    tensors = []
+    for layer in layers:
+        if isinstance(layer, _Fp8KV) and layer.is_initialized:
+            tensors += [layer._quantized_keys[0], layer._quantized_values[0]]
+        elif getattr(layer, "keys", None) is not None:
+            tensors += [layer.keys, layer.values]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return {"layer_types": [type(x).__name__ for x in layers],
+            "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.numel()}),
+            "bytes": sum(storages.values()), "held_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "scales": [(layer._quantized_keys[1], layer._quantized_values[1])
+                       for layer in layers if isinstance(layer, _Fp8KV) and layer.is_initialized]}
