@@ -295,6 +295,19 @@ def test_fp8_kv_tensor_is_its_dequantized_tensor_to_any_other_code():
     assert type(t * 1) is torch.Tensor
 
 
+def test_behaviour_switches_are_boolean_config_keys():
+    """`kv_cache_attention` (default true) and `quantize_on_load` (default false): JSON booleans, named in the
+    unknown-key message; anything else is one error naming the key."""
+    base = {"method": "HOOKS", "dump_stats_path": "unused"}
+    assert QuantConfig.from_dict(base).kv_cache_attention and not QuantConfig.from_dict(base).quantize_on_load
+    assert not QuantConfig.from_dict({**base, "kv_cache_attention": False}).kv_cache_attention
+    for key in ("kv_cache_attention", "quantize_on_load"):
+        with pytest.raises(ConfigError, match=f"key '{key}': 'no' must be true or false"):
+            QuantConfig.from_dict({**base, key: "no"})
+    with pytest.raises(ConfigError, match="unknown key 'kv_cache_atention'.*: .*quantize_on_load, kv_cache_attention"):
+        QuantConfig.from_dict({**base, "kv_cache_atention": False})
+
+
 def test_decode_reads_the_fp8_cache_directly_and_falls_back_where_it_cannot(tmp_path, monkeypatch):
     """One query token runs the kernel on the FP8 bytes; several query tokens (a second prompt chunk) run sdpa on
     the de-quantized cache. Against "kv_cache_attention": false (every read de-quantized, then sdpa), on the same
