@@ -32,7 +32,7 @@
 namespace dsq {
 
 // The ISA this build was compiled for (what -march found), for logs, errors and the bench.
-inline std::string isa() {
+static inline std::string isa() {
 #if defined(DSQ_BF16DP)
   return "avx512_bf16";
 #elif defined(DSQ_AVX512)
@@ -45,12 +45,12 @@ inline std::string isa() {
 }
 
 // ---- one byte (tails, tables, portable builds) ---------------------------------------------------------------
-inline uint16_t fp8_to_half_bits(uint8_t b, bool e4m3) {
+static inline uint16_t fp8_to_half_bits(uint8_t b, bool e4m3) {
   if (!e4m3) return static_cast<uint16_t>(static_cast<uint16_t>(b) << 8);
   return static_cast<uint16_t>(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7));
 }
 
-inline float half_bits_to_float(uint16_t h) {
+static inline float half_bits_to_float(uint16_t h) {
   // IEEE half -> float, subnormals included (no F16C needed).
   const uint32_t sign = (h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
@@ -74,13 +74,13 @@ inline float half_bits_to_float(uint16_t h) {
 }
 
 // The widened value of one FP8 byte: value / post (exact).
-inline float widen1(uint8_t b, bool e4m3) { return half_bits_to_float(fp8_to_half_bits(b, e4m3)); }
+static inline float widen1(uint8_t b, bool e4m3) { return half_bits_to_float(fp8_to_half_bits(b, e4m3)); }
 
 // ---- vectors of bytes -> fp16 bits (then _mm*_cvtph_ps: exact) -----------------------------------------------
 #if defined(DSQ_X86)
 // 16 FP8 bytes -> 16 fp16 bit patterns (value / post) in the 16-bit lanes of a ymm. `e4m3` is a constant where
 // the callers are templates on it, so the branch folds away.
-inline __m256i half_bits16(const uint8_t* p, bool e4m3) {
+static inline __m256i half_bits16(const uint8_t* p, bool e4m3) {
   const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return e4m3 ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
                                 _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7))
@@ -88,7 +88,7 @@ inline __m256i half_bits16(const uint8_t* p, bool e4m3) {
 }
 
 // 8 FP8 bytes -> 8 fp16 bit patterns (value / post) in an xmm: rows of 8 on AVX2 builds.
-inline __m128i half_bits8(const uint8_t* p, bool e4m3) {
+static inline __m128i half_bits8(const uint8_t* p, bool e4m3) {
   const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return e4m3 ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
                              _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7))
