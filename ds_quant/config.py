@@ -169,6 +169,8 @@ class QuantConfig:
     save_max_bytes: int = 1 << 30  # observer "save": the most bytes of tensors one rank keeps
     smooth_alpha: float | None = None  # QUANTIZE: SmoothQuant-style smoothing with this migration strength (smooth.py)
     gptq: GptqParams | None = None  # MEASURE records input Hessians; QUANTIZE rounds weights by GPTQ (gptq.py)
+    quantize_on_load: bool = False  # from_pretrained of a bf16 folder quantizes layer by layer as it reads (hf_model)
+    kv_cache_attention: bool = True  # QUANTIZE, CPU: decode attention reads the FP8 KV cache directly (attention.py)
     source: str = field(default="<dict>", compare=False)
 
     def method_for(self, fqn: str) -> ScaleMethod:
@@ -219,6 +221,8 @@ class QuantConfig:
             save_max_bytes=_parse_save_max_bytes(data.get("save_max_bytes", 1 << 30), source),
             smooth_alpha=_parse_smooth_alpha(data.get("smooth_alpha"), source),
             gptq=_parse_gptq(data.get("gptq"), source),
+            quantize_on_load=_parse_bool(data.get("quantize_on_load", False), "quantize_on_load", source),
+            kv_cache_attention=_parse_bool(data.get("kv_cache_attention", True), "kv_cache_attention", source),
             source=source,
         )
         cfg._check_combinations()
@@ -282,7 +286,7 @@ class QuantConfig:
 _KEYS = ("method", "mode", "observer", "allowlist", "blocklist", "dump_stats_path", "dump_stats_xlsx_path",
          "scale_method", "measure_exclude", "fp8_config", "device_for_scales", "scale_params",
          "scale_method_overrides", "act_scope", "auto_blocklist_sqnr_db", "outlier_channels", "save_max_bytes",
-         "smooth_alpha", "gptq")
+         "smooth_alpha", "gptq", "quantize_on_load", "kv_cache_attention")
 _GPTQ_KEYS = ("damp", "block", "act_order")
 
 
@@ -435,6 +439,13 @@ def _parse_filter(value: Any, key: str, source: str) -> ModuleFilter:
         except re.error as e:
             raise ConfigError(f"{source}: key '{key}.names': {pattern!r} is not a valid regex: {e}") from None
     return ModuleFilter(**out)
+
+
+def _parse_bool(value: Any, key: str, source: str) -> bool:
+    """The ds_quant extensions that switch a behaviour on or off (HQT has none): JSON true / false only."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: key '{key}': {value!r} must be true or false")
+    return value
 
 
 def _parse_path(value: Any, key: str, source: str) -> str:

@@ -12,9 +12,11 @@ import ds_quant
 from ds_quant.config import Mode, QuantConfig
 from ds_quant.errors import ConfigError, MeasurementError
 from ds_quant.files import measurements
-from ds_quant.layers import attention
+from ds_quant.layers import attention, kv_cache
 from ds_quant.layers.linear import Fp8Linear
+from ds_quant.numerics import kernels
 from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows.quantize import load_measurements
 
 
 def tiny_llama():
@@ -135,6 +137,33 @@ def test_generate_with_fp8_attention_and_fp8_kv_cache(tmp_path):
         out = q.generate(IDS, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 30)
     assert type(out.past_key_values.layers[0]).__name__ == "Fp8KVLayer"
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: ds_quant_kv needs the CPU kernels")
+def test_fp8_attention_and_fp8_cache_get_the_same_implementation_in_either_install_order(tmp_path):
+    """attention.choose decides from what was installed, not from the order of kv_cache.install and
+    attention.install: FP8 attention in layer 0 (layer 1's matmuls blocked) and the FP8 KV cache give the config
+    `ds_quant_fp8` either way, and every module's fallback `ds_quant_kv`, so layer 1 decodes from the FP8 bytes."""
+    model = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "m", allowlist={"types": ["Matmul"]}))
+    with torch.no_grad():
+        model.generate(IDS, max_new_tokens=4, do_sample=False)
+    ds_quant.finish_measurements(model)
+    c = cfg("QUANTIZE", tmp_path / "m", allowlist={"types": ["Matmul"]},
+            blocklist={"names": ["model.layers.1.self_attn.matmul_qk", "model.layers.1.self_attn.matmul_av"]})
+    chosen = []
+    for order in ((kv_cache.install, attention.install), (attention.install, kv_cache.install)):
+        m = tiny_llama()
+        for install in order:
+            install(m, c, lambda m=m: load_measurements(c, m))
+        chosen.append((m.config._attn_implementation, kv_cache.plan_of(m).fused, sorted(attention.sites_of(m)),
+                       {n: getattr(a, attention._FALLBACK_ATTR) for n, a in attention.attention_modules(m).items()}))
+    assert chosen[0] == chosen[1] == (attention.IMPL, True, ["model.layers.0.self_attn"],
+                                      dict.fromkeys(["model.layers.0.self_attn", "model.layers.1.self_attn"],
+                                                    attention.KV_IMPL))
+    q = ds_quant.prep_model(tiny_llama(), c)
+    with torch.no_grad():
+        q.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert attention.attention_calls(q)["fused"] == 3  # layer 1's decode steps (the prompt comes as it was)
 
 
 def test_attention_records_validate_and_merge_by_max(tmp_path):

@@ -115,6 +115,7 @@ def work(tmp_path_factory):
 def in_memory(src: Path, config: dict):
     from transformers import AutoModelForCausalLM
 
+    hf_model.install_from_pretrained(lambda: None)  # no config in force: a plain bf16 load (not quantize-on-load)
     m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     return ds_quant.prep_model(m, config)
 
@@ -387,13 +388,13 @@ def test_fp8_folder_loads_bitwise_equal_to_in_memory_quantize(work, case):
 
 
 @pytest.mark.parametrize("case", ["llama_pcs", "neox_block_head"])
-def test_quantize_on_load_is_bitwise_equal_to_in_memory_quantize(work, case, monkeypatch):
-    """A bf16 folder + measurements on the same meta path: each linear read, quantized, sliced, freed."""
+def test_quantize_on_load_is_bitwise_equal_to_in_memory_quantize(work, case):
+    """A bf16 folder + measurements on the same meta path ("quantize_on_load": true): each linear read, quantized,
+    sliced, freed."""
     w, cases = work
     src, config = cases[case]
     ref = logits(in_memory(src, config))
-    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
-    m = from_folder(src, config)
+    m = from_folder(src, {**config, "quantize_on_load": True})
     assert sum(isinstance(x, Fp8Linear) for x in m.modules()) == (29 if case.startswith("llama") else 8)
     assert torch.equal(logits(m), ref)
 
@@ -420,10 +421,8 @@ def test_moe_folder_and_quantize_on_load_are_bitwise_in_memory_quantize(work, ca
 
     monkeypatch.setattr(st_io.SafetensorsFile, "read", logged)
     for how, path in (("folder", w / f"fp8_{case}"), ("quantize_on_load", src)):
-        if how == "quantize_on_load":
-            monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
         reads.clear()
-        m = from_folder(path, config)
+        m = from_folder(path, {**config, "quantize_on_load": True} if how == "quantize_on_load" else config)
         # the quantized experts' weights: FP8 from a folder, one expert's bf16 linear at a time on quantize-on-load
         blocked = ".layers.1." if case.startswith("qwen3") else "-"  # Qwen3-MoE's blocked block: bf16, as stored
         expert_reads = [(k, d, s) for k, d, s in reads if ".experts." in k and k.endswith(".weight")
@@ -522,7 +521,7 @@ def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypa
     t = load_file(bad / "model.safetensors")
     t[f"{e1}.w2.weight"] = t[f"{e1}.w2.weight"][:, :200].contiguous()
     save_file(t, bad / "model.safetensors")
-    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")
+    monkeypatch.setenv(hf_model.QUANTIZE_ON_LOAD_ENV, "1")  # the env override: quantize-on-load without the key
     with pytest.raises(CheckpointError, match=file + re.escape(f"tensor '{e1}.w2.weight' (the model's "
                                                                "'model.layers.0.mlp.experts.1.w2.weight') is BF16 "
                                                                "[128, 200], expected a 2-D float weight [128, 256]")):
@@ -670,8 +669,9 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
         (w / f"{name}.json").write_text(json.dumps(config))
         plan.append({"name": name, "bf16": str(src), "fp8": str(w / f"fp8_{name}"), "config": str(w / f"{name}.json")})
     for name in ("llama_pcs", "neox_block_head", "mixtral_hw"):  # quantize-on-load: the bf16 folder, same meta path
+        (w / f"{name}_qol.json").write_text(json.dumps({**cases[name][1], "quantize_on_load": True}))
         plan.append({**plan[[p["name"] for p in plan].index(name)], "name": f"{name}_qol",
-                     "fp8": str(cases[name][0]), "quantize_on_load": True})
+                     "fp8": str(cases[name][0]), "load_config": str(w / f"{name}_qol.json")})
     (w / "plan.json").write_text(json.dumps(plan))
     deepspeed(2, ROOT / "tests" / "scripts" / "fp8_checkpoint_tp.py", str(w / "plan.json"), str(w / "tp2"),
               cwd=w, timeout=600)

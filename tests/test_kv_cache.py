@@ -16,6 +16,7 @@ from ds_quant.config import QuantConfig
 from ds_quant.errors import ConfigError, MeasurementError
 from ds_quant.files import measurements
 from ds_quant.layers import attention, kv_cache
+from ds_quant.numerics import kernels, ops
 from ds_quant.numerics.scales import sqnr_db
 from tests.launcher import ROOT, deepspeed
 
@@ -110,7 +111,7 @@ def test_fp8_layer_beam_ops_and_crop():
     assert layer.get_seq_length() == 3 and layer._quantized_values[0].shape[2] == 3
 
 
-@pytest.mark.skipif(not kv_cache.cpu_kernel(), reason="no C++ compiler: the kernel is not built")
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: the kernel is not built")
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_cpu_kernel_is_bit_exact(fp8):
     """Every FP8 byte (lengths not a multiple of the vector width), several scales, every output dtype."""
@@ -118,7 +119,7 @@ def test_cpu_kernel_is_bit_exact(fp8):
     x = codes[torch.isfinite(codes.float())].repeat(3)[:-5]
     for scale in (1.0, 0.0123, 3.7e-5, 17.3):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            got, want = kv_cache.dequantize_kv(x, scale, dtype), kv_cache.dequantize_kv_reference(x, scale, dtype)
+            got, want = ops.dequantize_fp8(x, scale, dtype), ops.dequantize_fp8_reference(x, scale, dtype)
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (scale, dtype)
 
 
@@ -204,7 +205,7 @@ def test_generate_measure_then_quantize_single_process(tmp_path):
         bf16, fp8 = (teacher_forced(quant, make(), ref.sequences) for make in
                      (lambda: None, lambda: kv_cache.make_kv_cache(quant)))
     assert sqnr_db(bf16, fp8) > 25
-    assert quant.config._attn_implementation == "ds_quant_kv" and kv_cache.attention_calls(quant)["fused"] > 0
+    assert quant.config._attn_implementation == "ds_quant_kv" and attention.attention_calls(quant)["fused"] > 0
 
 
 # -- decode attention straight from the FP8 cache ------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_decode_attention_kernel_matches_float64(b, hq, hkv, s, d, fp8):
     groups of 4) and others (the generic path, scalar tails), E5M2, a single key, masks none / bool per batch row /
     additive, on views of a buffer with room for more tokens (the cache's layout). Bound: 45 dB, below the ~55 dB
     of rounding the bf16 output alone; a fully masked row gives zeros (not NaN)."""
-    if not kv_cache.cpu_kernel():
+    if not kernels.available():
         pytest.skip("no C++ compiler: the KV-cache kernel is not built")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, hq, 1, d, generator=g).bfloat16()
@@ -238,20 +239,21 @@ def test_decode_attention_kernel_matches_float64(b, hq, hkv, s, d, fp8):
     bool_mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
     bool_mask[:, ..., 0] = True
     for mask in (None, bool_mask, torch.randn(1, 1, 1, s, generator=g)):
-        out = torch.ops.ds_quant_kv.decode_attention(q, k8, ks, v8, vs, mask, 0.125)
+        out = torch.ops.ds_quant.decode_attention(q, k8, ks, v8, vs, mask, 0.125)
         assert out.shape == (b, 1, hq, d) and out.dtype == torch.bfloat16
         assert sqnr_db(attention_reference(q, k8, ks, v8, vs, mask, 0.125).transpose(1, 2), out) > 45
     none = torch.zeros(b, 1, 1, s, dtype=torch.bool)
-    assert torch.equal(torch.ops.ds_quant_kv.decode_attention(q, k8, ks, v8, vs, none, 0.125),
+    assert torch.equal(torch.ops.ds_quant.decode_attention(q, k8, ks, v8, vs, none, 0.125),
                        torch.zeros(b, 1, hq, d, dtype=torch.bfloat16))
 
 
 KV_VARIANT_CHECK = r"""
 import torch
-from ds_quant.layers import kv_cache
+from ds_quant.numerics import kernels, ops
 from ds_quant.numerics.scales import sqnr_db
 from tests.test_kv_cache import attention_reference
-assert kv_cache.cpu_kernel()
+assert kernels.available()
+print("ISA", kernels.cpu_kernel().isa)
 g = torch.Generator().manual_seed(0)
 for b, hq, hkv, s, d, fp8 in ((1, 8, 4, 300, 64, torch.float8_e4m3fn), (2, 6, 2, 67, 40, torch.float8_e5m2),
                               (1, 4, 1, 9, 128, torch.float8_e4m3fn)):
@@ -261,18 +263,18 @@ for b, hq, hkv, s, d, fp8 in ((1, 8, 4, 300, 64, torch.float8_e4m3fn), (2, 6, 2,
     mask = torch.rand(b, 1, 1, s, generator=g) > 0.2
     mask[..., 0] = True
     for m in (None, mask):
-        out = torch.ops.ds_quant_kv.decode_attention(q, k8, 0.01, v8, 0.02, m, 0.1)
+        out = torch.ops.ds_quant.decode_attention(q, k8, 0.01, v8, 0.02, m, 0.1)
         ref = attention_reference(q, k8, 0.01, v8, 0.02, m, 0.1).transpose(1, 2)
         assert sqnr_db(ref, out) > 45, (b, hq, hkv, s, d, fp8, sqnr_db(ref, out))
-    x = kv_cache.dequantize_kv(k8, 0.01, torch.bfloat16)
-    assert torch.equal(x, kv_cache.dequantize_kv_reference(k8, 0.01, torch.bfloat16))
+    x = ops.dequantize_fp8(k8, 0.01, torch.bfloat16)
+    assert torch.equal(x, ops.dequantize_fp8_reference(k8, 0.01, torch.bfloat16))
 print("KV VARIANT OK")
 """
 
 
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"), reason="x86 with AVX2 only")
-@pytest.mark.parametrize("march", ["haswell", "x86-64"])
-def test_kv_kernel_other_isa_builds_match_definition(tmp_path, march):
+@pytest.mark.parametrize("march,isa", [("haswell", "avx2"), ("x86-64", "portable")])
+def test_kv_kernel_other_isa_builds_match_definition(tmp_path, march, isa):
     """The AVX2 (F16C widening, vectorised blocks) and portable builds of the KV kernel, built here with their own
     -march: decode attention within 45 dB of float64, de-quantization bit-exact."""
     env = {**os.environ, "DS_QUANT_CPU_KERNEL_MARCH": march, "DS_QUANT_KERNEL_CACHE": str(tmp_path),
@@ -280,34 +282,53 @@ def test_kv_kernel_other_isa_builds_match_definition(tmp_path, march):
     proc = subprocess.run([sys.executable, "-c", KV_VARIANT_CHECK], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "KV VARIANT OK" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    assert f"ISA {isa}\n" in proc.stdout
 
 
 def test_fp8_kv_tensor_is_its_dequantized_tensor_to_any_other_code():
     """What other code (a model's own attention, eager math, printing) sees: the de-quantized cache, exactly."""
     x8 = (torch.randn(1, 2, 9, 16) * 4).to(torch.float8_e4m3fn)[:, :, :7]
-    t = kv_cache.Fp8KVTensor(x8, 0.5, torch.bfloat16)
-    plain = kv_cache.dequantize_kv(x8, 0.5, torch.bfloat16)
+    t = attention.Fp8KVTensor(x8, 0.5, torch.bfloat16)
+    plain = ops.dequantize_fp8(x8, 0.5, torch.bfloat16)
     assert t.shape == (1, 2, 7, 16) and t.dtype == torch.bfloat16 and "Fp8KVTensor" in repr(t)
     assert torch.equal(t + 0, plain) and torch.equal(t.transpose(-1, -2) @ plain, plain.transpose(-1, -2) @ plain)
     assert type(t * 1) is torch.Tensor
 
 
+def test_behaviour_switches_are_boolean_config_keys():
+    """`kv_cache_attention` (default true) and `quantize_on_load` (default false): JSON booleans, named in the
+    unknown-key message; anything else is one error naming the key."""
+    base = {"method": "HOOKS", "dump_stats_path": "unused"}
+    assert QuantConfig.from_dict(base).kv_cache_attention and not QuantConfig.from_dict(base).quantize_on_load
+    assert not QuantConfig.from_dict({**base, "kv_cache_attention": False}).kv_cache_attention
+    for key in ("kv_cache_attention", "quantize_on_load"):
+        with pytest.raises(ConfigError, match=f"key '{key}': 'no' must be true or false"):
+            QuantConfig.from_dict({**base, key: "no"})
+    with pytest.raises(ConfigError, match="unknown key 'kv_cache_atention'.*: .*quantize_on_load, kv_cache_attention"):
+        QuantConfig.from_dict({**base, "kv_cache_atention": False})
+
+
 def test_decode_reads_the_fp8_cache_directly_and_falls_back_where_it_cannot(tmp_path, monkeypatch):
     """One query token runs the kernel on the FP8 bytes; several query tokens (a second prompt chunk) run sdpa on
-    the de-quantized cache. Against DS_QUANT_KV_ATTENTION=0 (every read de-quantized, then sdpa), on the same
+    the de-quantized cache. Against "kv_cache_attention": false (every read de-quantized, then sdpa), on the same
     measurements: the chunk logits are bitwise equal (the same path), the decode logits within 35 dB (the kernel
-    takes k = fp8 x scale in float32, where de-quantizing rounds it to bf16 first)."""
+    takes k = fp8 x scale in float32, where de-quantizing rounds it to bf16 first). DS_QUANT_KV_ATTENTION overrides
+    the key either way."""
     lists = {"allowlist": {"types": ["KVCache"]}}
     measured = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "m", **lists))
     with torch.no_grad():
         measured.generate(PROMPTS, max_new_tokens=4, do_sample=False)
     ds_quant.finish_measurements(measured)
-    monkeypatch.setenv("DS_QUANT_KV_ATTENTION", "0")
-    plain = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", **lists))
+    monkeypatch.delenv(attention.KV_ATTENTION_ENV, raising=False)
+    plain = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", kv_cache_attention=False, **lists))
     assert plain.config._attn_implementation == "sdpa" and not kv_cache.plan_of(plain).fused
-    monkeypatch.setenv("DS_QUANT_KV_ATTENTION", "1")
-    fused = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", **lists))
+    fused = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", **lists))  # the default: true
     assert fused.config._attn_implementation == "ds_quant_kv" and kv_cache.plan_of(fused).fused
+    for env, key, want in (("0", True, "sdpa"), ("1", False, "ds_quant_kv")):  # the env var overrides the key
+        monkeypatch.setenv(attention.KV_ATTENTION_ENV, env)
+        other = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", kv_cache_attention=key, **lists))
+        assert other.config._attn_implementation == want and kv_cache.plan_of(other).fused == (want != "sdpa")
+    monkeypatch.delenv(attention.KV_ATTENTION_ENV)
     out = {}
     with torch.no_grad():
         for name, model in (("plain", plain), ("fused", fused)):
@@ -318,8 +339,8 @@ def test_decode_reads_the_fp8_cache_directly_and_falls_back_where_it_cannot(tmp_
             out[name] = first, chunk, torch.cat(steps, 1)
     assert torch.equal(out["plain"][0], out["fused"][0]) and torch.equal(out["plain"][1], out["fused"][1])
     assert sqnr_db(out["plain"][2].float(), out["fused"][2].float()) > 35
-    assert kv_cache.attention_calls(fused) == {"fused": 2 * 4, "fallback": 2 * 2}  # 2 layers
-    assert kv_cache.attention_calls(plain) == {"fused": 0, "fallback": 0}  # not routed through ds_quant_kv
+    assert attention.attention_calls(fused) == {"fused": 2 * 4, "fallback": 2 * 2}  # 2 layers
+    assert attention.attention_calls(plain) == {"fused": 0, "fallback": 0}  # not routed through ds_quant_kv
 
 
 def teacher_forced(model, cache, tokens, prompt_len=24):

@@ -273,3 +273,49 @@ def test_cuda_scaled_mm_matches_definition(scales, m, n, k):
     y = ops.fp8_mm(x8.to(dev), w8.to(dev), sa.to(dev), sb.to(dev), torch.bfloat16).cpu()
     assert y.shape == (m, n)
     assert torch.all((y.double() - ref).abs() <= bound + 2.0**-8 * ref.abs() + 1e-30)
+
+
+# -- the one kernel library: every op has a fake (meta) kernel ------------------------------------------------------
+def _op_samples(device):
+    """(op name, args, expected output shape, expected dtype) for every tensor op of torch.ops.ds_quant."""
+    e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x8, w8 = (torch.randn(s, generator=g).to(e4m3).to(device) for s in ((3, 32), (5, 32)))
+    sa, sb = torch.ones((), device=device), torch.rand(5, generator=g).to(device)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(bf16).to(device)
+    k8, v8 = (torch.randn(2, 2, 7, 16, generator=g).to(e4m3).to(device) for _ in range(2))
+    gemm = (x8, w8, sa, sb, torch.float32)
+    samples = [("fp8_gemm_gemv", gemm, (3, 5), torch.float32),
+               ("fp8_gemm_blocked", (*gemm, torch.float32, 16), (3, 5), torch.float32),
+               ("quantize_fp8", (torch.randn(3, 32, generator=g).to(bf16).to(device), sa, 448.0, e4m3), (3, 32), e4m3),
+               ("dequantize_fp8", (k8, 0.5, bf16), (2, 2, 7, 16), bf16),
+               ("decode_attention", (q, k8, 0.5, v8, 0.25, None, 0.25), (2, 1, 4, 16), bf16)]
+    if ops.cpu_kernel().has_dp:  # the op exists everywhere; it runs only on avx512_bf16 builds
+        samples.append(("fp8_gemm_dp", gemm, (3, 5), torch.float32))
+    return samples
+
+
+@needs_kernel
+def test_every_op_has_a_fake_kernel_with_the_right_shape_and_dtype():
+    """Meta tensors (what torch.compile and a model built on meta trace with) go through the fake kernels: each op
+    gives the output shape and dtype its CPU kernel gives, without running it."""
+    from ds_quant.numerics import kernels
+
+    samples = _op_samples(torch.device("meta"))
+    assert {name for name, *_ in samples} | ({"fp8_gemm_dp"} - {n for n, *_ in samples}) == set(kernels.FAKES)
+    for name, args, shape, dtype in samples:
+        out = getattr(torch.ops.ds_quant, name)(*args)
+        assert out.device.type == "meta" and tuple(out.shape) == shape and out.dtype == dtype, name
+    for name, args, shape, dtype in _op_samples(torch.device("cpu")):  # the real kernels agree
+        out = getattr(torch.ops.ds_quant, name)(*args)
+        assert tuple(out.shape) == shape and out.dtype == dtype, name
+
+
+@needs_kernel
+def test_ops_pass_opcheck():
+    """torch.library.opcheck on small inputs: the fake kernels against the real ones (FakeTensor mode), the autograd
+    registration, and that AOT dispatch traces them. (Its test_schema is left out: it mutates the inputs with
+    element-wise ops torch does not implement for FP8 tensors.)"""
+    for name, args, _, _ in _op_samples(torch.device("cpu")):
+        torch.library.opcheck(getattr(torch.ops.ds_quant, name).default, args,
+                              test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))

@@ -1,4 +1,15 @@
-"""FP8 attention matmuls and softmax (HQT's `Matmul` and `Softmax` types) through transformers' attention interface.
+"""Every attention implementation ds_quant registers with transformers, and the one place that decides which a
+model gets (`choose`):
+
+    ds_quant_fp8   FP8 attention matmuls and softmax (HQT's `Matmul` and `Softmax` types): below
+    ds_quant_kv    decode attention straight from the FP8 KV cache (layers/kv_cache.py stores it; the bottom of
+                   this module reads it: `Fp8KVTensor`, `kv_attention_forward`)
+
+`install` (FP8 attention sites) and `use_fp8_cache` (called by kv_cache.install) record what they install and
+call `choose`, which decides from all of it, in whatever order they came: FP8 attention sites win the model's
+config, and their unmarked modules still read the FP8 cache through `ds_quant_kv` where it can.
+
+FP8 attention matmuls and softmax through transformers' attention interface.
 
 Models of transformers 4.5x/5.x call their attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
 with the projected, rotated query, key and value (B, heads, S, D). ds_quant registers its own implementation,
@@ -13,7 +24,7 @@ with the projected, rotated query, key and value (B, heads, S, D). ds_quant regi
               matmul's arithmetic, not its speed
 
 An attention module that is not marked (not selected, or another model sharing the registration) runs the
-implementation the model had (sdpa, eager, ...). Names follow HQT's Gaudi modules: `{attention}.matmul_qk`,
+implementation the model had (sdpa, eager, ...), or `ds_quant_kv` (see `choose`). Names follow HQT's Gaudi modules: `{attention}.matmul_qk`,
 `{attention}.matmul_av`, `{attention}.softmax`; the blocklist takes them (types or names).
 
 Selection (unlike HQT, opt-in): `Matmul` and/or `Softmax` in the allowlist's types. They do not narrow the
@@ -28,6 +39,7 @@ whose attention does not go through the interface (they call torch.matmul inline
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +48,8 @@ from ..config import ATTENTION_TYPES, Mode, QuantConfig
 from ..errors import MeasurementError
 from ..files.measurements import ATTENTION_OPERANDS, attention_record
 from ..log import current_rank, get_logger
-from ..numerics import layer_spec
+from ..numerics import kernels, layer_spec
+from ..numerics.ops import dequantize_fp8
 from ..numerics.scales import Act, to_fp8_saturated
 
 IMPL = "ds_quant_fp8"
@@ -44,6 +57,14 @@ MATMUL_TYPE, SOFTMAX_TYPE = ATTENTION_TYPES
 _ATTR = "_ds_quant_attention"
 _FALLBACK_ATTR = "_ds_quant_attention_fallback"  # on every attention module: what runs where no site is marked
 OPERANDS = ATTENTION_OPERANDS  # q, k, v, p (softmax output)
+KV_IMPL = "ds_quant_kv"  # the attention implementation that reads the FP8 KV cache directly
+_KV_FALLBACK_ATTR = "_ds_quant_kv_fallback"  # on each attention module: what ds_quant_kv runs where it cannot fuse
+_CALLS_ATTR = "_ds_quant_kv_calls"  # on each attention module: {"fused": n, "fallback": n}
+_KV_ATTR = "_ds_quant_kv_attention"  # on the model: the KV plan whose FP8 cache ds_quant_kv may read
+_ORIGINAL_ATTR = "_ds_quant_attn_original"  # on the model: the implementation it had before ds_quant
+
+KV_ATTENTION_ENV = "DS_QUANT_KV_ATTENTION"
+"""`0` / `1`: overrides the config key `kv_cache_attention` (decode attention straight from the FP8 KV cache)."""
 
 
 @dataclass
@@ -136,9 +157,7 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
         log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(special)} (attention sinks or "
                     "logit soft-capping, which ds_quant's attention does not implement); they stay in high precision")
         modules = {n: m for n, m in modules.items() if not _has_extras(m, config)}
-    fallback = getattr(config, "_attn_implementation", None) or "eager"
-    if fallback == IMPL:  # the config object is shared with a model prepared before: its original is not known here
-        fallback = "sdpa"
+    fallback = original_implementation(model)
     sites, specs = {}, {}
     for name, m in modules.items():
         if not covered[type(m)]:
@@ -154,11 +173,9 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     if cfg.mode is Mode.QUANTIZE:
         _set_scales(sites, specs, load)
     for name, m in modules.items():
-        setattr(m, _FALLBACK_ATTR, fallback)
         if name in sites:
             setattr(m, _ATTR, sites[name])
-    _register()
-    config._attn_implementation = IMPL
+    choose(model)
     if current_rank() == 0:
         ops = sorted({k for s in sites.values() for k in ("matmul_qk", "matmul_av", "softmax") if getattr(s, k)})
         what = ("recording q/k/v/softmax max-abs" if cfg.mode is Mode.MEASURE
@@ -188,12 +205,90 @@ def _set_scales(sites: dict[str, AttentionSite], specs: dict[str, layer_spec.Lay
                 s.scales[op] = float(spec.input_scale(records[s.name][f"{op}_amax"]))
 
 
-def _register() -> None:
+# -- which implementation a model gets -----------------------------------------------------------------------------
+def original_implementation(model) -> str:
+    """The attention implementation the model had before ds_quant (recorded on first use, since `choose` changes the
+    config). A config shared with a model prepared before already names one of ds_quant's: their original is sdpa."""
+    orig = getattr(model, _ORIGINAL_ATTR, None)
+    if orig is None:
+        impl = getattr(_text_config(model), "_attn_implementation", None) or "eager"
+        orig = "sdpa" if impl in (IMPL, KV_IMPL) else impl
+        setattr(model, _ORIGINAL_ATTR, orig)
+    return orig
+
+
+def kv_attention_enabled(cfg: QuantConfig) -> bool:
+    """The config key `kv_cache_attention`, unless DS_QUANT_KV_ATTENTION overrides it."""
+    env = os.environ.get(KV_ATTENTION_ENV, "")
+    return env not in ("0", "false", "False") if env else cfg.kv_cache_attention
+
+
+def use_fp8_cache(model, plan, enabled: bool = True) -> None:
+    """kv_cache.install: `plan` (a QUANTIZE KVPlan) stores the model's KV cache in FP8; `ds_quant_kv` may read it
+    directly if `enabled`. `choose` decides, and sets `plan.fused`."""
+    plan.fused = False
+    if enabled:
+        setattr(model, _KV_ATTR, plan)
+    choose(model)
+
+
+def choose(model) -> str | None:
+    """Point the model's config at the attention implementation it gets, from everything ds_quant installed in it
+    so far (`install`'s FP8 attention sites, `use_fp8_cache`'s FP8 KV cache), whatever the order they came in:
+
+        FP8 attention sites          `ds_quant_fp8`; modules without a site run `ds_quant_kv` where it can read the
+                                     FP8 cache, else the model's original implementation
+        only an FP8 cache it reads   `ds_quant_kv` (sdpa wherever it cannot fuse)
+        neither                      the model's own, untouched
+
+    `ds_quant_kv` reads the cache where the model's original attention is sdpa, its weights are on CPU (or meta)
+    and the CPU kernels are built. Returns the implementation chosen (None: untouched). Safe to call again."""
+    config = _text_config(model)
+    if config is None:
+        return None
+    original = original_implementation(model)
+    plan = getattr(model, _KV_ATTR, None)
+    fused = plan is not None and _reads_fp8_cache(model, original)
+    if plan is not None:
+        plan.fused = fused
+    sites = sites_of(model)
+    modules = attention_modules(model)
+    if fused:
+        _register(KV_IMPL, kv_attention_forward, "sdpa")  # None or a bool mask
+        for m in modules.values():
+            setattr(m, _KV_FALLBACK_ATTR, "sdpa")
+            if getattr(m, _CALLS_ATTR, None) is None:
+                setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
+    if sites:
+        _register(IMPL, attention_forward, "eager")  # an additive float mask
+        for m in modules.values():
+            setattr(m, _FALLBACK_ATTR, KV_IMPL if fused else original)
+    impl = IMPL if sites else KV_IMPL if fused else None
+    if impl is not None:
+        config._attn_implementation = impl
+    return impl
+
+
+def _reads_fp8_cache(model, original: str) -> bool:
+    if original != "sdpa":
+        return False
+    params = next(iter(model.parameters()), None)
+    if params is not None and params.device.type not in ("cpu", "meta"):
+        return False
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:  # a transformers without the attention interface
+        return False
+    return kernels.available()
+
+
+def _register(name: str, fn, mask: str) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(IMPL, attention_forward)
-    AttentionMaskInterface.register(IMPL, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # an additive float mask
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
 
 
 def sites_of(model) -> dict[str, AttentionSite]:
@@ -257,3 +352,81 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         site.stats.add(q=query, k=key, v=value, p=p)
     out = torch.matmul(p, _repeat_kv(v, groups)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), p.to(query.dtype)
+
+
+# -- ds_quant_kv: decode attention on the FP8 KV cache ---------------------------------------------------------
+class Fp8KVTensor(torch.Tensor):
+    """The FP8 cache of one layer standing in for its de-quantized (B, H, S, D) tensor: `fp8` (a view of the cache's
+    buffer) and `scale`. `ds_quant_kv` reads the bytes; every other operation sees `dequantize()`."""
+
+    @staticmethod
+    def __new__(cls, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, fp8.shape, dtype=dtype, device=fp8.device,
+                                                   requires_grad=False)
+
+    def __init__(self, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
+        self.fp8, self.scale = fp8, float(scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_fp8(self.fp8, self.scale, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Fp8KVTensor(shape={tuple(self.shape)}, {self.fp8.dtype} -> {self.dtype}, scale={self.scale})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        plain = lambda t: t.dequantize() if isinstance(t, Fp8KVTensor) else t  # noqa: E731
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
+def _fusable(module, query, key, value, mask, dropout, kwargs) -> bool:
+    """One query token, FP8 K and V of the same layout, a mask the kernel implements (none, or (1|B, 1, 1, S) bool
+    or additive), nothing the kernel does not do (dropout, sliding window, soft-capping, sinks)."""
+    if not (isinstance(key, Fp8KVTensor) and isinstance(value, Fp8KVTensor)) or query.dim() != 4 or \
+            query.shape[2] != 1 or query.device.type != "cpu" or dropout or getattr(module, "training", False):
+        return False
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")) or \
+            getattr(module, "sinks", None) is not None:
+        return False
+    b, hq, _, d = query.shape
+    _, hkv, s, dk = key.shape
+    if dk != d or hkv == 0 or hq % hkv or key.fp8.stride(3) != 1 or key.fp8.stride(2) != d or \
+            value.fp8.stride(3) != 1 or value.fp8.stride(2) != d or tuple(value.shape) != tuple(key.shape):
+        return False
+    return mask is None or (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1:3] == (1, 1) and
+                            mask.shape[3] == s and (mask.dtype == torch.bool or mask.is_floating_point()))
+
+
+def kv_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """`ds_quant_kv`: one decode step straight from the FP8 cache where it can (see `_fusable`), otherwise the
+    model's own implementation on the de-quantized tensors. Returns (output (B, S_q, H, D), None)."""
+    calls = getattr(module, _CALLS_ATTR, None)
+    if _fusable(module, query, key, value, attention_mask, dropout, kwargs):
+        s = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.ds_quant.decode_attention(query, key.fp8, key.scale, value.fp8, value.scale,
+                                                   attention_mask, s)
+        if calls is not None:
+            calls["fused"] += 1
+        return out, None
+    if calls is not None:
+        calls["fallback"] += 1
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    key = key.dequantize() if isinstance(key, Fp8KVTensor) else key
+    value = value.dequantize() if isinstance(value, Fp8KVTensor) else value
+    fallback = ALL_ATTENTION_FUNCTIONS[getattr(module, _KV_FALLBACK_ATTR, "sdpa")]
+    return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def attention_calls(model) -> dict[str, int]:
+    """How many attention calls of a prepared model `ds_quant_kv` ran from the FP8 cache ("fused") and how many it
+    handed to the model's own implementation ("fallback"), summed over layers (tests, the bench, debugging)."""
+    out = {"fused": 0, "fallback": 0}
+    for m in model.modules():
+        for k, v in (getattr(m, _CALLS_ATTR, None) or {}).items():
+            out[k] += v
+    return out

@@ -14,13 +14,14 @@ cast saturates (the prompt's scale lets later tokens overflow to NaN). transform
 is a `DynamicLayer` with the same methods. Like transformers' layer, the first update (the prompt) returns the
 states as they came; later reads de-quantize (on CPU with a compiled kernel, `numerics/csrc/kv_cache_cpu.cpp`).
 
-Decode on the FP8 cache (CPU, QUANTIZE, a model whose attention was `sdpa`): ds_quant registers the attention
-implementation `ds_quant_kv` and points the model's config at it. Later reads then return the cache as
-`Fp8KVTensor`s (the FP8 buffer and its scale, looking like the bf16 tensor they stand for), and for one query token
-`ds_quant_kv` computes attention straight from the FP8 bytes (`ds_quant_kv::decode_attention`: each key and value
+Decode on the FP8 cache (CPU, QUANTIZE, a model whose attention was `sdpa`): `layers/attention.py` registers the
+attention implementation `ds_quant_kv` and points the model's config at it (`attention.choose`). Later reads then
+return the cache as `Fp8KVTensor`s (the FP8 buffer and its scale, looking like the bf16 tensor they stand for), and for one query token
+`ds_quant_kv` computes attention straight from the FP8 bytes (`ds_quant::decode_attention`: each key and value
 row read once, one byte per element, no bf16 copy of the cache). Anything else (several query tokens, a mask or an
 argument it does not implement, a bf16 cache) runs sdpa on the de-quantized tensors, and any other code that
-touches an `Fp8KVTensor` sees it de-quantized (`__torch_dispatch__`). `DS_QUANT_KV_ATTENTION=0` turns it off.
+touches an `Fp8KVTensor` sees it de-quantized (`__torch_dispatch__`). The config key `"kv_cache_attention": false`
+(or DS_QUANT_KV_ATTENTION=0) turns it off.
 
 Which cache generate() gets: `prep_model` replaces the prepared model's `_prepare_cache_for_generation` (on the
 instance) by one that swaps the layers of the `DynamicCache` generate() would build by default. A cache the caller
@@ -35,7 +36,6 @@ layer (max over heads), so it is the same at every TP size.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -45,16 +45,13 @@ from ..errors import MeasurementError
 from ..files.measurements import kv_record
 from ..log import current_rank, get_logger
 from ..numerics import layer_spec
-from ..numerics.ops import cpu_kernel_tag
+from ..numerics.ops import dequantize_fp8
 from ..numerics.scales import Act, amax_to_scale, to_fp8_saturated
-from .attention import attention_modules
+from . import attention
+from .attention import Fp8KVTensor, attention_modules
 
 KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
 _PLAN_ATTR = "_ds_quant_kv"
-ATTN_IMPL = "ds_quant_kv"  # the attention implementation that reads the FP8 cache directly
-_FALLBACK_ATTR = "_ds_quant_kv_fallback"  # on each attention module: the implementation the model had
-_CALLS_ATTR = "_ds_quant_kv_calls"  # on each attention module: {"fused": n, "fallback": n}
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "numerics", "csrc", "kv_cache_cpu.cpp")
 
 
 # -- what to do, per layer ------------------------------------------------------------------------------------
@@ -205,13 +202,13 @@ def install(model, cfg: QuantConfig, load=None) -> KVPlan | None:
         return out
 
     model._prepare_cache_for_generation = prepare_cache
-    if plan.mode is Mode.QUANTIZE:
-        plan.fused = install_attention(model)
+    if plan.mode is Mode.QUANTIZE:  # attention.choose decides plan.fused, with what else ds_quant installed
+        attention.use_fp8_cache(model, plan, attention.kv_attention_enabled(cfg))
     if current_rank() == 0:
         what = (f"recording KV-cache max-abs per head in {len(plan.names)} layer(s)" if plan.mode is Mode.MEASURE
                 else f"KV cache in {str(plan.dtype).replace('torch.', '')} in {len(plan.names)} layer(s)"
                 + (f", static scales from {plan.source}" if plan.source else "")
-                + (f"; decode attention reads it directly (attention implementation '{ATTN_IMPL}')" if plan.fused
+                + (f"; decode attention reads it directly (attention implementation '{attention.KV_IMPL}')" if plan.fused
                    else ""))
         get_logger().info(f"{plan.mode.value}: {what} (generate() builds it; ds_quant.layers.kv_cache.make_kv_cache "
                           "for explicit use)")
@@ -270,42 +267,6 @@ def quantize_kv(x_hp: torch.Tensor, scale: float, dtype: torch.dtype, limit: flo
     return to_fp8_saturated(x_hp, torch.tensor(scale, dtype=torch.float32, device=x_hp.device), dtype, limit)
 
 
-def dequantize_kv(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """(x_fp8.float() * scale).to(dtype): the compiled kernel on CPU (torch's FP8 conversion is slow there)."""
-    if x_fp8.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_kernel():
-        return torch.ops.ds_quant_kv.dequantize(x_fp8, scale, dtype)
-    return dequantize_kv_reference(x_fp8, scale, dtype)
-
-
-def dequantize_kv_reference(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    return (x_fp8.float() * torch.tensor(scale, dtype=torch.float32, device=x_fp8.device)).to(dtype)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_kernel() -> bool:
-    """Build (first use on this CPU kind, ~15 s) or load the de-quantization kernel; False (and a warning) if not."""
-    if os.environ.get("DS_QUANT_CPU_KERNEL", "1") == "0":
-        return False
-
-    root = os.environ.get("DS_QUANT_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ds_quant", "kernels")
-    march = os.environ.get("DS_QUANT_CPU_KERNEL_MARCH", "native")
-    build_dir = os.path.join(root, f"kv_cache_cpu-{cpu_kernel_tag()}-{march}")
-    try:
-        from torch.utils import cpp_extension
-
-        os.makedirs(build_dir, exist_ok=True)
-        # -fopenmp: at::parallel_for splits the de-quantization over the rank's threads (without it, one thread)
-        cpp_extension.load(name="ds_quant_kv_cache_cpu", sources=[CSRC], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False, verbose=False)
-        return True
-    except Exception as e:  # no compiler: the reference runs, slower, and the log says why
-        msg = str(e).strip().splitlines()[-1][:200] if str(e) else ""
-        get_logger().warning(f"KV-cache de-quantization kernel unavailable ({type(e).__name__}: {msg}); the FP8 "
-                             "KV cache de-quantizes with plain torch on CPU (slow)")
-        return False
-
-
 GROW_TOKENS = 64  # room a full FP8 buffer grows by: one copy per 64 decode steps instead of one per step
 
 
@@ -321,109 +282,6 @@ def append_tokens(q_fp8: torch.Tensor, new_fp8: torch.Tensor) -> torch.Tensor:
         base = fresh
     base[:, :, s:s + n] = new_fp8
     return base[:, :, :s + n]
-
-
-class Fp8KVTensor(torch.Tensor):
-    """The FP8 cache of one layer standing in for its de-quantized (B, H, S, D) tensor: `fp8` (a view of the cache's
-    buffer) and `scale`. `ds_quant_kv` reads the bytes; every other operation sees `dequantize()`."""
-
-    @staticmethod
-    def __new__(cls, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
-        return torch.Tensor._make_wrapper_subclass(cls, fp8.shape, dtype=dtype, device=fp8.device,
-                                                   requires_grad=False)
-
-    def __init__(self, fp8: torch.Tensor, scale: float, dtype: torch.dtype):
-        self.fp8, self.scale = fp8, float(scale)
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_kv(self.fp8, self.scale, self.dtype)
-
-    def __repr__(self) -> str:
-        return f"Fp8KVTensor(shape={tuple(self.shape)}, {self.fp8.dtype} -> {self.dtype}, scale={self.scale})"
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from torch.utils._pytree import tree_map
-
-        plain = lambda t: t.dequantize() if isinstance(t, Fp8KVTensor) else t  # noqa: E731
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
-
-
-def _fusable(module, query, key, value, mask, dropout, kwargs) -> bool:
-    """One query token, FP8 K and V of the same layout, a mask the kernel implements (none, or (1|B, 1, 1, S) bool
-    or additive), nothing the kernel does not do (dropout, sliding window, soft-capping, sinks)."""
-    if not (isinstance(key, Fp8KVTensor) and isinstance(value, Fp8KVTensor)) or query.dim() != 4 or \
-            query.shape[2] != 1 or query.device.type != "cpu" or dropout or getattr(module, "training", False):
-        return False
-    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")) or \
-            getattr(module, "sinks", None) is not None:
-        return False
-    b, hq, _, d = query.shape
-    _, hkv, s, dk = key.shape
-    if dk != d or hkv == 0 or hq % hkv or key.fp8.stride(3) != 1 or key.fp8.stride(2) != d or \
-            value.fp8.stride(3) != 1 or value.fp8.stride(2) != d or tuple(value.shape) != tuple(key.shape):
-        return False
-    return mask is None or (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1:3] == (1, 1) and
-                            mask.shape[3] == s and (mask.dtype == torch.bool or mask.is_floating_point()))
-
-
-def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """`ds_quant_kv`: one decode step straight from the FP8 cache where it can (see `_fusable`), otherwise the
-    model's own implementation on the de-quantized tensors. Returns (output (B, S_q, H, D), None)."""
-    calls = getattr(module, _CALLS_ATTR, None)
-    if _fusable(module, query, key, value, attention_mask, dropout, kwargs):
-        s = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        out = torch.ops.ds_quant_kv.decode_attention(query, key.fp8, key.scale, value.fp8, value.scale,
-                                                      attention_mask, s)
-        if calls is not None:
-            calls["fused"] += 1
-        return out, None
-    if calls is not None:
-        calls["fallback"] += 1
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    key = key.dequantize() if isinstance(key, Fp8KVTensor) else key
-    value = value.dequantize() if isinstance(value, Fp8KVTensor) else value
-    fallback = ALL_ATTENTION_FUNCTIONS[getattr(module, _FALLBACK_ATTR, "sdpa")]
-    return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def install_attention(model) -> bool:
-    """Route the model's attention through `ds_quant_kv` (CPU, the kernel built, attention `sdpa`,
-    DS_QUANT_KV_ATTENTION not 0). False: reads de-quantize, as before."""
-    text = _text_config(model)
-    impl = getattr(text, "_attn_implementation", None)
-    if os.environ.get("DS_QUANT_KV_ATTENTION", "1") == "0" or impl not in ("sdpa", ATTN_IMPL):
-        return False
-    params = next(iter(model.parameters()), None)
-    if params is not None and params.device.type not in ("cpu", "meta"):
-        return False
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError:  # a transformers without the attention interface
-        return False
-    if not cpu_kernel():
-        return False
-    AttentionInterface.register(ATTN_IMPL, attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # None or a bool mask
-    for m in attention_modules(model).values():
-        setattr(m, _FALLBACK_ATTR, "sdpa")
-        setattr(m, _CALLS_ATTR, {"fused": 0, "fallback": 0})
-    text._attn_implementation = ATTN_IMPL
-    return True
-
-
-def attention_calls(model) -> dict[str, int]:
-    """How many attention calls of a prepared model `ds_quant_kv` ran from the FP8 cache ("fused") and how many it
-    handed to the model's own implementation ("fallback"), summed over layers (tests, the bench, debugging)."""
-    out = {"fused": 0, "fallback": 0}
-    for m in model.modules():
-        for k, v in (getattr(m, _CALLS_ATTR, None) or {}).items():
-            out[k] += v
-    return out
 
 
 class _Fp8KV:
@@ -457,7 +315,7 @@ class _Fp8KV:
         return quantize_kv(tensor, scale, self.fp8_dtype, self.fp8_max)
 
     def _dequantize(self, qtensor) -> torch.Tensor:
-        return dequantize_kv(qtensor[0], qtensor[1], self.dtype)
+        return dequantize_fp8(qtensor[0], qtensor[1], self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -469,7 +327,7 @@ class _Fp8KV:
         self._quantized_values = (append_tokens(qv, self._quantize(value_states, vs)), vs)
         if first:  # the prompt attends to itself as it came, as in transformers' FP8 layer
             return key_states, value_states
-        if self.fused and key_states.device.type == "cpu":  # fused: the kernel is built (install_attention)
+        if self.fused and key_states.device.type == "cpu":  # fused: the kernel is built (attention.choose)
             return (Fp8KVTensor(*self._quantized_keys, self.dtype),
                     Fp8KVTensor(*self._quantized_values, self.dtype))
         return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)

@@ -1,4 +1,5 @@
-"""The FP8 linear as a free function. Layers hold data; this module computes, and picks how when called.
+"""The FP8 linear as a free function (and the FP8 de-quantization). Layers hold data; this module computes, and
+picks how when called.
 
     fp8_linear(x_hp, w_fp8, w_scale, x_scale, out_dtype, bias)   activation cast -> fp8_mm -> + bias
     fp8_mm(x_fp8, w_fp8, scale_a, scale_b, out_dtype)           (M, K) x (N, K) -> (M, N), one backend:
@@ -20,28 +21,22 @@ bf16 hardware rounds the accumulator to bf16 once before scaling).
 
 The choice depends on the device the tensors are on *now* (a layer built on `meta` picks its backend once
 materialised), the CPU, and M; it is cached per (device, M class, shape). The compiled CPU kernel
-(`csrc/fp8_gemm_cpu.cpp`, torch.library ops `ds_quant::fp8_gemm_*`) is built on first use with
-`-march=native` and cached per CPU kind; `DS_QUANT_CPU_KERNEL=0` or a failed build selects the reference.
-`DS_QUANT_CPU_KERNEL_MARCH` (e.g. `haswell`, `x86-64`) builds for another ISA level: the tests use it to run
-the AVX2 and portable code paths on any x86 machine.
+(`csrc/fp8_gemm_cpu.cpp`, torch.library ops `ds_quant::fp8_gemm_*`) is built and loaded by `kernels.py`, with
+the other CPU kernels; `DS_QUANT_CPU_KERNEL=0` or a failed build selects the reference.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..log import current_rank, get_logger
+from .kernels import cpu_kernel  # ops.cpu_kernel: what the tests and the bench ask for
 from .scales import per_token_scale, to_fp8_saturated
 
-CSRC = Path(__file__).resolve().parent / "csrc" / "fp8_gemm_cpu.cpp"
 # Up to CPU_GEMV_MAX_M the GEMM is memory-bound and the fused GEMV (one byte per weight) wins; above it the
 # GEMM is compute-bound: the bf16 dot-product kernel up to CPU_DP_MAX_M (where the CPU has avx512_bf16), the
 # blocked path (the native GEMM on widened blocks) beyond. Measured per CPU kind by `bench/run.py`.
@@ -226,71 +221,14 @@ _RUN = {"reference": fp8_mm_reference, "cuda_scaled_mm": _cuda_scaled_mm, "cpu_s
         "cpu_gemv": _cpu_gemv, "cpu_dp": _cpu_dp, "cpu_blocked": _cpu_blocked}
 
 
-# -- the compiled CPU kernel ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuKernel:
-    isa: str | None  # "avx512_bf16", "avx512", "avx2", "portable"; None: not available
-    reason: str = ""
-    build_dir: str = ""
-
-    @property
-    def has_dp(self) -> bool:
-        return self.isa == "avx512_bf16"
+# -- de-quantization ----------------------------------------------------------------------------------------------
+def dequantize_fp8(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """(x_fp8.float() * scale).to(dtype), bit for bit: the compiled kernel on CPU (torch's FP8 conversion is slow
+    there: ~4.5 ns per element), plain torch elsewhere. The FP8 KV cache reads through it."""
+    if x_fp8.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_kernel():
+        return torch.ops.ds_quant.dequantize_fp8(x_fp8, scale, dtype)
+    return dequantize_fp8_reference(x_fp8, scale, dtype)
 
 
-def cpu_kernel_tag() -> str:
-    """The CPU kind a build is for: model name + ISA flags + torch, hashed (a shared home directory may
-    serve machines of different kinds; each gets its own build)."""
-    info = platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info += "".join(ln for ln in lines if ln.startswith(("model name", "flags", "Features")))[:8192]
-    except OSError:
-        info += platform.processor()
-    return hashlib.sha1(f"{info}|{torch.__version__}".encode()).hexdigest()[:12]
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_kernel() -> CpuKernel:
-    """Build (first use on this CPU kind, ~20 s) or load the CPU kernel; never raises."""
-    if os.environ.get("DS_QUANT_CPU_KERNEL", "1") == "0":
-        return CpuKernel(None, "DS_QUANT_CPU_KERNEL=0: pure-torch reference")
-    root = os.environ.get("DS_QUANT_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ds_quant", "kernels")
-    march = os.environ.get("DS_QUANT_CPU_KERNEL_MARCH", "native")  # tests build the avx2 / portable paths too
-    build_dir = os.path.join(root, f"fp8_gemm_cpu-{cpu_kernel_tag()}-{march}")
-    log = get_logger()
-    try:
-        from torch.utils import cpp_extension
-
-        os.makedirs(build_dir, exist_ok=True)
-        if current_rank() == 0 and not any(f.endswith(".so") for f in os.listdir(build_dir)):
-            log.info(f"compiling the CPU FP8 kernel for this CPU (first use, ~20 s) into {build_dir}")
-        flags = ["-O3", f"-march={march}", "-fopenmp"]
-        cpp_extension.load(name="ds_quant_fp8_gemm_cpu", sources=[str(CSRC)], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False,
-                           verbose=False)
-        _register_fakes()
-        return CpuKernel(str(torch.ops.ds_quant.cpu_kernel_isa()), "", build_dir)
-    except Exception as e:  # no compiler, no headers, a read-only cache: run, slower, and say why
-        reason = f"CPU kernel unavailable ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''})"
-        log.warning(f"{reason}; FP8 GEMMs on CPU use the pure-torch reference (slow). Set DS_QUANT_CPU_KERNEL=0 "
-                    "to silence this, or install a C++ compiler.")
-        return CpuKernel(None, reason)
-
-
-def _register_fakes() -> None:
-    """Shapes for torch.compile / meta tensors."""
-
-    def gemv(x, w, sa, sb, out_dtype):
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
-
-    def blocked(x, w, sa, sb, out_dtype, gemm_dtype, block_n):
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
-
-    for name, fn in (("ds_quant::fp8_gemm_gemv", gemv), ("ds_quant::fp8_gemm_dp", gemv),
-                     ("ds_quant::fp8_gemm_blocked", blocked)):
-        try:
-            torch.library.register_fake(name, fn)
-        except RuntimeError:  # already registered (a second load in the same process)
-            pass
+def dequantize_fp8_reference(x_fp8: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return (x_fp8.float() * torch.tensor(scale, dtype=torch.float32, device=x_fp8.device)).to(dtype)

@@ -25,6 +25,7 @@ _PATCHED = "__ds_quant_fp8_from_pretrained__"
 
 
 QUANTIZE_ON_LOAD_ENV = "DS_QUANT_QUANTIZE_ON_LOAD"
+"""`1` / `0`: overrides the config key `quantize_on_load` (from_pretrained of a bf16 folder quantizes as it reads)."""
 
 
 @dataclass
@@ -34,8 +35,13 @@ class Pending:
     quantize: bool = False  # a bf16 folder, quantized layer by layer as each rank reads its slices
 
 
-def quantize_on_load() -> bool:
-    return os.environ.get(QUANTIZE_ON_LOAD_ENV, "0") not in ("", "0", "false", "False")
+def quantize_on_load(cfg) -> bool:
+    """The config key `quantize_on_load` of `cfg` (a QUANTIZE config in force), unless DS_QUANT_QUANTIZE_ON_LOAD
+    overrides it; False without a QUANTIZE config (there is nothing to quantize with)."""
+    if cfg is None or cfg.mode.value != "QUANTIZE":
+        return False
+    env = os.environ.get(QUANTIZE_ON_LOAD_ENV, "")
+    return env not in ("0", "false", "False") if env else cfg.quantize_on_load
 
 
 def pending(model: nn.Module) -> Pending | None:
@@ -66,10 +72,9 @@ def install_from_pretrained(active) -> None:
                 raise CheckpointError(f"{path}: an FP8 checkpoint holds no bf16 weights to {cfg.mode.value}; "
                                       "measure the bf16 model")
             return build_on_meta(cls, path, kwargs)
-        if quantize_on_load() and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            cfg = from_pretrained.__ds_quant_active__()
-            if cfg is not None and cfg.mode.value == "QUANTIZE":
-                return build_on_meta(cls, path, kwargs, quantize=True)
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and \
+                quantize_on_load(from_pretrained.__ds_quant_active__()):
+            return build_on_meta(cls, path, kwargs, quantize=True)
         return original(cls, path, *args, **kwargs)
 
     setattr(from_pretrained, _PATCHED, True)

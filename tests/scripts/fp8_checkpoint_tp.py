@@ -4,7 +4,8 @@ slices), both through ds_quant.install() + deepspeed.init_inference; every rank 
 logits' equality, what was on meta before init_inference, each FP8 layer's type, dtype and local shape, and each
 fused-experts block's type, dtypes and shapes (and whether its tensors are bitwise the in-memory twin's).
 
-A case with "quantize_on_load": true loads its "fp8" entry (then a bf16 folder) with DS_QUANT_QUANTIZE_ON_LOAD=1.
+A case with a "load_config" loads its "fp8" entry under that config instead: one with "quantize_on_load": true,
+its "fp8" entry then a bf16 folder, quantized as each rank reads its slices.
 
 Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
 
@@ -56,10 +57,9 @@ for case in plan:
         references[key] = ref_logits, {n: m.state_dict() for n, m in experts_of(ref_model).items()}
         del ref_model
     inmem, inmem_experts = references[key]
-    if case.get("quantize_on_load"):  # "fp8" is then the bf16 folder, quantized as each rank reads it
-        os.environ[ds_quant.workflows.hf_model.QUANTIZE_ON_LOAD_ENV] = "1"
+    if case.get("load_config"):  # e.g. "quantize_on_load": true: "fp8" is then the bf16 folder
+        ds_quant.install(case["load_config"])
     model, ckpt, on_meta = load(case["fp8"])
-    os.environ.pop(ds_quant.workflows.hf_model.QUANTIZE_ON_LOAD_ENV, None)
     results[case["name"]] = {
         "seconds": time.perf_counter() - start,  # the in-memory reference (if not shared) and the load
         "equal": bool(torch.equal(inmem, ckpt)), "max_abs_diff": float((inmem - ckpt).abs().max()),

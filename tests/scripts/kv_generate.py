@@ -51,8 +51,8 @@ report = {"greedy": greedy_held, "greedy_len": greedy.sequences.shape[1],
           "beam_len": beam.sequences.shape[1], "reused": held(more.past_key_values), "reused_len": more.sequences.shape[1],
           "reused_cache_len": more.past_key_values.get_seq_length(),
           "attn_implementation": model.module.config._attn_implementation}
-kv = sys.modules.get("ds_quant.layers.kv_cache")  # present when run under launch/run.py; the script does not import it
-if kv is not None:
-    report["kv_attention_calls"] = kv.attention_calls(model.module)
+attn = sys.modules.get("ds_quant.layers.attention")  # present when run under launch/run.py; the script does not import it
+if attn is not None:
+    report["kv_attention_calls"] = attn.attention_calls(model.module)
 with open(f"{out_prefix}_{rank}.json", "w") as f:
     json.dump(report, f)

@@ -1,8 +1,8 @@
 // FP8 x FP8 -> out_dtype GEMM on CPU: y[m, n] = (sum_k x[m, k] * w[n, k]) * x_scale[m] * w_scale[n].
 //
 // What an FP8 GEMM computes (FP8 values, exact products, fp32 accumulation, scales applied after), fast on
-// CPUs that have no FP8 arithmetic. Built by ds_quant/numerics/ops.py with -march=native, so the ISA below is the
-// one of the machine it runs on. Two paths, chosen by ops.py per call:
+// CPUs that have no FP8 arithmetic. Built by ds_quant/numerics/kernels.py with -march=native (with the other
+// csrc/*.cpp, one library), so the ISA macros of fp8.h are the machine's. Paths, chosen by ops.py per call:
 //
 //   gemv    (small M, decode): memory-bound, so read one byte per weight and widen it in registers:
 //           E4M3 byte -> fp16 bits by a 16-bit shift (value / 2^8, exact for normals and subnormals),
@@ -13,8 +13,7 @@
 //           native GEMM is fastest in (bf16 where oneDNN has bf16 hardware, fp32 otherwise) and call at::mm on
 //           each block; the whole weight is never widened at once, nothing is kept between calls.
 //
-// E5M2 is the upper byte of fp16, so its widening is a plain shift. NaN encodings are never produced by the
-// saturating casts ds_quant uses; they widen to finite values here.
+// The widening (E4M3 and E5M2 bytes -> fp16 bits by shifts) is fp8.h's, shared with kv_cache_cpu.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,63 +26,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define DSQ_X86 1
-#endif
-#if defined(DSQ_X86) && defined(__AVX512F__) && defined(__AVX512BW__)
-#define DSQ_AVX512 1
-#endif
-#if defined(DSQ_AVX512) && defined(__AVX512BF16__)
-#define DSQ_BF16DP 1  // vdpbf16ps: two bf16 products per fp32 lane and instruction
-#endif
+#include "fp8.h"  // DSQ_X86 / DSQ_AVX512 / DSQ_BF16DP, the FP8 widening
 
 namespace {
 
-// The ISA this build was compiled for (what -march=native found), for logs and the bench.
-std::string isa() {
-#if defined(DSQ_BF16DP)
-  return "avx512_bf16";
-#elif defined(DSQ_AVX512)
-  return "avx512";
-#elif defined(DSQ_X86)
-  return "avx2";
-#else
-  return "portable";
-#endif
-}
-
-// ---- scalar reference of the widening (tails, portable builds) ----------------------------------------------
-inline uint16_t fp8_to_half_bits(uint8_t b, bool e4m3) {
-  if (!e4m3) return static_cast<uint16_t>(b) << 8;
-  return static_cast<uint16_t>(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7));
-}
-
-inline float half_bits_to_float(uint16_t h) {
-  // IEEE half -> float, subnormals included (no F16C needed).
-  const uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // normalise the subnormal
-      exp = 127 - 15 + 1;
-      while (!(mant & 0x400u)) { mant <<= 1; --exp; }
-      bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// The widened value of one FP8 byte, divided by `post` (2^8 for E4M3, 1 for E5M2).
-inline float widen1(uint8_t b, bool e4m3) { return half_bits_to_float(fp8_to_half_bits(b, e4m3)); }
+using dsq::isa;
+using dsq::widen1;
 
 // ---- 16 lanes: one zmm (AVX-512) or two ymm (AVX2) ---------------------------------------------------------
 #if defined(DSQ_AVX512)
@@ -125,13 +73,7 @@ inline float vsum(V16 a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[
 template <bool E4M3>
 inline V16 widen16(const uint8_t* p) {
 #if defined(DSQ_X86)
-  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  if (E4M3) {
-    h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8),
-                        _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7));
-  } else {
-    h = _mm256_slli_epi16(h, 8);
-  }
+  const __m256i h = dsq::half_bits16(p, E4M3);
 #if defined(DSQ_AVX512)
   return {_mm512_cvtph_ps(h)};
 #else
@@ -662,6 +604,7 @@ at::Tensor fp8_gemm_blocked(const at::Tensor& x_fp8, const at::Tensor& w_fp8, co
 
 }  // namespace
 
+// The one TORCH_LIBRARY of namespace ds_quant; the other sources add theirs with TORCH_LIBRARY_FRAGMENT.
 TORCH_LIBRARY(ds_quant, m) {
   m.def("fp8_gemm_gemv(Tensor x_fp8, Tensor w_fp8, Tensor x_scale, Tensor w_scale, ScalarType out_dtype) -> Tensor");
   m.def("fp8_gemm_blocked(Tensor x_fp8, Tensor w_fp8, Tensor x_scale, Tensor w_scale, ScalarType out_dtype, "

@@ -1,6 +1,6 @@
 // FP8 -> bf16 / fp16 / fp32 de-quantization of KV-cache states on CPU (ds_quant/layers/kv_cache.py).
 //
-//   ds_quant_kv::dequantize(x_fp8, scale, out_dtype) = (x_fp8.float() * scale).to(out_dtype), bit for bit.
+//   ds_quant::dequantize_fp8(x_fp8, scale, out_dtype) = (x_fp8.float() * scale).to(out_dtype), bit for bit.
 //
 // torch's element-wise FP8 conversion runs ~4.5 ns per element on the CPUs measured: at 8k context it would cost
 // twice the attention itself. Here each byte goes through a 256-entry table of the final values (exact: the table
@@ -8,7 +8,7 @@
 // shifts (E4M3 -> fp16 is exact, value / 2^8; E5M2 is the upper byte of fp16), to float, scaled, and rounded to
 // bf16 (round to nearest even) in registers. NaN encodings are never produced by ds_quant's saturating casts.
 //
-//   ds_quant_kv::decode_attention(q, k_fp8, k_scale, v_fp8, v_scale, mask, scaling): one decode step of attention
+//   ds_quant::decode_attention(q, k_fp8, k_scale, v_fp8, v_scale, mask, scaling): one decode step of attention
 //   (one query token) reading the FP8 cache directly, never de-quantizing it into a bf16 copy; see below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,19 +23,15 @@
 #include <limits>
 #include <optional>
 #include <vector>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+
+#include "fp8.h"  // DSQ_X86 / DSQ_AVX512, the FP8 widening (shared with fp8_gemm_cpu.cpp)
 
 namespace {
 
-inline uint16_t fp8_to_half_bits(uint8_t b, bool e4m3) {
-  return e4m3 ? static_cast<uint16_t>(((b & 0x80) << 8) | ((b & 0x7F) << 7)) : static_cast<uint16_t>(b << 8);
-}
-
 // Exact float value of one FP8 byte times `mul` (E4M3: the fp16 bits hold value / 2^8, so mul = scale * 2^8).
+// (c10::Half's conversion of fp8.h's bits, not dsq::widen1: the same value, and the code this kernel was tuned with.)
 inline float scaled(uint8_t b, bool e4m3, float mul) {
-  return static_cast<float>(c10::Half(fp8_to_half_bits(b, e4m3), c10::Half::from_bits())) * mul;
+  return static_cast<float>(c10::Half(dsq::fp8_to_half_bits(b, e4m3), c10::Half::from_bits())) * mul;
 }
 
 template <typename T>
@@ -43,13 +39,10 @@ void by_table(const uint8_t* src, T* dst, int64_t n, const T* tab) {
   for (int64_t i = 0; i < n; ++i) dst[i] = tab[src[i]];
 }
 
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
 // 16 bytes -> 16 bf16, in registers.
 inline void widen16_bf16(const uint8_t* src, uint16_t* dst, bool e4m3, __m512 mul) {
-  __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  __m256i h = e4m3 ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                                     _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7))
-                   : _mm256_slli_epi16(b, 8);
+  const __m256i h = dsq::half_bits16(src, e4m3);
   __m512 f = _mm512_mul_ps(_mm512_cvtph_ps(h), mul);
   __m512i u = _mm512_castps_si512(f);  // round to nearest even: + 0x7FFF + lsb, keep the upper half
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -60,11 +53,11 @@ inline void widen16_bf16(const uint8_t* src, uint16_t* dst, bool e4m3, __m512 mu
 
 at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_dtype,
                       const std::optional<at::Tensor>& out_buf) {
-  TORCH_CHECK(x_fp8.device().is_cpu(), "ds_quant_kv::dequantize: CPU tensors only");
+  TORCH_CHECK(x_fp8.device().is_cpu(), "ds_quant::dequantize_fp8: CPU tensors only");
   const bool e4m3 = x_fp8.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(e4m3 || x_fp8.scalar_type() == at::kFloat8_e5m2, "ds_quant_kv::dequantize: FP8 input expected");
+  TORCH_CHECK(e4m3 || x_fp8.scalar_type() == at::kFloat8_e5m2, "ds_quant::dequantize_fp8: FP8 input expected");
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat,
-              "ds_quant_kv::dequantize: out_dtype must be bfloat16, float16 or float32");
+              "ds_quant::dequantize_fp8: out_dtype must be bfloat16, float16 or float32");
   // Rows of contiguous bytes at a fixed stride: a (B, H, S, D) view of a cache buffer with room for more tokens
   // (stride(1) = capacity * D) is read in place, not copied.
   at::Tensor x = x_fp8;
@@ -78,7 +71,7 @@ at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_
   at::Tensor out;
   if (out_buf.has_value()) {  // a caller's buffer, reused across calls
     TORCH_CHECK(out_buf->scalar_type() == out_dtype && out_buf->is_contiguous() && out_buf->numel() >= n,
-                "ds_quant_kv::dequantize: out must be contiguous, of out_dtype, with at least x.numel() elements");
+                "ds_quant::dequantize_fp8: out must be contiguous, of out_dtype, with at least x.numel() elements");
     out = out_buf->view(-1).narrow(0, 0, n).view(x.sizes());
   } else {
     out = at::empty(x.sizes(), x.options().dtype(out_dtype).memory_format(at::MemoryFormat::Contiguous));
@@ -102,7 +95,7 @@ at::Tensor dequantize(const at::Tensor& x_fp8, double scale, at::ScalarType out_
     at::parallel_for(0, n, kGrain, [&](int64_t a, int64_t b) {
       each_span(a, b, [&](const uint8_t* src, int64_t o, int64_t m) {
         int64_t i = 0;
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
         const __m512 vmul = _mm512_set1_ps(mul);
         for (; i + 16 <= m; i += 16) widen16_bf16(src + i, dst + o + i, e4m3, vmul);
 #endif
@@ -145,22 +138,10 @@ namespace {
 // One row of D FP8 bytes -> D floats (value / post: E4M3 widens to value / 2^8, exact).
 inline void widen_row(const uint8_t* src, float* dst, int64_t D, bool e4m3, const float* tab) {
   int64_t d = 0;
-#if defined(__AVX512F__)
-  for (; d + 16 <= D; d += 16) {
-    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
-    __m256i h = e4m3 ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                                       _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7))
-                     : _mm256_slli_epi16(b, 8);
-    _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(h));
-  }
-#elif defined(__AVX2__) && defined(__F16C__)
-  for (; d + 8 <= D; d += 8) {  // 8 bytes -> 8 fp16 bits by shifts (as above) -> 8 floats (F16C)
-    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
-    __m128i h = e4m3 ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
-                                    _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7))
-                     : _mm_slli_epi16(b, 8);
-    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
-  }
+#if defined(DSQ_AVX512)
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(dsq::half_bits16(src + d, e4m3)));
+#elif defined(DSQ_X86)
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(dsq::half_bits8(src + d, e4m3)));  // F16C
 #endif
   for (; d < D; ++d) dst[d] = tab[src[d]];
 }
@@ -168,7 +149,7 @@ inline void widen_row(const uint8_t* src, float* dst, int64_t D, bool e4m3, cons
 inline float dot(const float* a, const float* b, int64_t D) {
   int64_t d = 0;
   float s = 0.f;
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
   __m512 acc = _mm512_setzero_ps();
   for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
   s = _mm512_reduce_add_ps(acc);
@@ -216,7 +197,7 @@ void masked_softmax(float* __restrict sc, int64_t S, const bool* mb, const float
   }
   int64_t t0 = 0;
   float sum = 0.f;
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
   // the same polynomial 16 at a time (GCC leaves the loop below scalar: 20 % of the kernel at 8k)
   const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-80.f);
   __m512 vsum = _mm512_setzero_ps();
@@ -287,7 +268,7 @@ void output_generic(const uint8_t* vrow, int64_t S, int64_t D, const float* scor
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
 // Four horizontal sums at once: (sum z0, sum z1, sum z2, sum z3).
 inline __m128 reduce4(__m512 z0, __m512 z1, __m512 z2, __m512 z3) {
   const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(z0, z1), _mm512_unpackhi_ps(z0, z1));  // z0 z1 pairs
@@ -390,14 +371,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
       const bool* mb = mask.defined() && mask_bool ? mask.data_ptr<bool>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
       const float* mf = mask.defined() && !mask_bool ? mask.data_ptr<float>() + (mask.size(0) == 1 ? 0 : bi * S) : nullptr;
       float* o = out.data_ptr<float>() + bi * Hq * D;
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
       if (D == 64) scores_avx512<4>(krow, S, qs.data(), rep, e4m3, tab, scores.data(), blk.data());
       else if (D == 128) scores_avx512<8>(krow, S, qs.data(), rep, e4m3, tab, scores.data(), blk.data());
       else
 #endif
         scores_generic(krow, S, D, qs.data(), rep, e4m3, tab, scores.data(), blk.data(), row.data());
       for (int64_t r = 0; r < rep; ++r) masked_softmax(scores.data() + r * S, S, mb, mf, vmul);
-#if defined(__AVX512F__)
+#if defined(DSQ_AVX512)
       if (D == 64) output_avx512<4>(vrow, S, scores.data(), rep, e4m3, tab, acc.data(), blk.data());
       else if (D == 128) output_avx512<8>(vrow, S, scores.data(), rep, e4m3, tab, acc.data(), blk.data());
       else
@@ -411,13 +392,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k8, double k_
 
 }  // namespace
 
-TORCH_LIBRARY(ds_quant_kv, m) {
-  m.def("dequantize(Tensor x_fp8, float scale, ScalarType out_dtype, Tensor? out=None) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(ds_quant, m) {  // the library itself: fp8_gemm_cpu.cpp
+  m.def("dequantize_fp8(Tensor x_fp8, float scale, ScalarType out_dtype, Tensor? out=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_fp8, float k_scale, Tensor v_fp8, float v_scale, Tensor? mask, "
         "float scaling) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ds_quant_kv, CPU, m) {
-  m.impl("dequantize", &dequantize);
+TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
+  m.impl("dequantize_fp8", &dequantize);
   m.impl("decode_attention", &decode_attention);
 }
