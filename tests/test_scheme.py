@@ -4,6 +4,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from ds_quant.config import METHOD_SCHEMES, SCHEME_PRESETS, SCHEME_PRESETS_LATER, QuantConfig, ScaleMethod
 from ds_quant.errors import ConfigError
@@ -154,3 +155,14 @@ def test_scheme_and_the_hqt_key_it_replaces_conflict():
     with pytest.raises(ConfigError, match=r"key 'scheme_overrides.lm_head': W8A8: not implemented yet"):
         cfg(scheme_overrides={"lm_head": "W8A8"})
 
+
+
+def test_a_scheme_config_quantizes_bitwise_as_its_method():
+    from ds_quant.numerics.weights import quantize_weight
+    w = torch.randn(64, 96, dtype=torch.bfloat16)
+    record = {"input_amax": 3.0, "weight_amax": float(w.abs().max())}
+    for preset, method in SCHEME_PRESETS.items():
+        a = quantize_weight(w, layer_spec.resolve(cfg(scheme=preset), "x"), record)
+        b = quantize_weight(w, layer_spec.resolve(cfg(scale_method=method.value), "x"), record)
+        assert torch.equal(a.w_q.view(torch.uint8), b.w_q.view(torch.uint8)) and torch.equal(a.w_scale, b.w_scale)
+        assert (a.input_scale is None) == (b.input_scale is None) == (preset == "FP8_DYNAMIC")
