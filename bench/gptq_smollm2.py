@@ -133,18 +133,18 @@ def main() -> None:
     keys = {k: v for k, v in keys.items() if k not in ("mode", "dump_stats_path", "gptq")}
     qcfg = acc.quant_config(keys, args.stats)
     out = {"bf16_ppl": ppl_hp, "hessian_windows": args.hessian_windows, "hessian_seconds": t_h, "cpu": acc.cpu_name(), "torch": torch.__version__, "rows": {}}
-    check = ds_quant.layers.linear._check_weights_unchanged
+    check = ds_quant.numerics.weights.check_unchanged
     for row in args.rows:
         model = acc.load(model_dir, 1)
         extra, snapped = {}, {}
         if ROWS[row] is not None:
             extra = snap_gptq(model, hs, doc["layers"], QuantConfig.from_dict(qcfg), ROWS[row])
             snapped = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in hs}
-            ds_quant.layers.linear._check_weights_unchanged = lambda *a, **k: None
+            ds_quant.numerics.weights.check_unchanged = lambda *a, **k: None
         try:
             model = ds_quant.prep_model(model, qcfg)
         finally:
-            ds_quant.layers.linear._check_weights_unchanged = check
+            ds_quant.numerics.weights.check_unchanged = check
         ppl, top1 = acc.score(model, evals)
         r = {"ppl": ppl, "delta_pct": 100 * (ppl / ppl_hp - 1), "top1_agreement": acc.agreement(top1, top1_hp),
              "params": ROWS[row], **extra}

@@ -21,7 +21,7 @@ import torch
 
 import ds_quant
 from ds_quant.config import QuantConfig
-from ds_quant.errors import CheckpointError, ConfigError
+from ds_quant.errors import CheckpointError, ConfigError, MeasurementError
 from ds_quant.files import safetensors as st_io
 from ds_quant.files.checkpoint import Fp8Folder
 from ds_quant.layers.experts import Fp8Experts
@@ -579,7 +579,7 @@ def test_convert_failure_leaves_nothing_at_out_dir(work, tmp_path):
     t["model.layers.1.mlp.down_proj.weight"] *= 4  # weights grew beyond the measured max-abs
     save_file(t, broken / "model.safetensors")
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=r"layer 'model\.layers\.1\.mlp\.down_proj': weight max-abs .* "
+    with pytest.raises(MeasurementError, match=r"layer 'model\.layers\.1\.mlp\.down_proj': weight max-abs .* "
                                               "exceeds the measured"):
         convert(broken, out, config, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no OUT_DIR, no temp dir

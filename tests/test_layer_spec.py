@@ -281,8 +281,9 @@ def test_experts_twin_agrees_with_the_tables_through_the_blocks_spec(tmp_path, c
 
 
 def test_convert_gives_the_same_scales_as_the_twins(measured, tiny_model):
-    """`ds-quant convert` (convert.quantize_linear, which still reads the config itself) lands on the same numbers
-    as the spec-driven twins for this config: exact equality, same float32 formulas on the same weights."""
+    """`ds-quant convert` (convert.quantize_linear: the one weight path, numerics/weights.py, with each linear's
+    spec) lands on the same numbers as the twins for this config: exact equality, same float32 formulas on the
+    same weights."""
     from ds_quant.workflows.quantize import quantize_linear
 
     tmp, merged = measured
@@ -291,5 +292,5 @@ def test_convert_gives_the_same_scales_as_the_twins(measured, tiny_model):
     doc = json.loads(open(merged).read())
     weights = {n: m.weight.detach() for n, m in load(tiny_model).named_modules() if n in twins}
     for name, (in_scale, w_scale) in twins.items():
-        layer, _ = quantize_linear(name, weights[name], cfg, doc["layers"][name])
+        layer, _ = quantize_linear(name, weights[name], resolve(cfg, name), doc["layers"][name])
         assert float(layer.input_scale) == in_scale and float(layer.weight_scale) == float(w_scale), name

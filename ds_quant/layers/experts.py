@@ -27,7 +27,8 @@ from ..files.measurements import linear_record
 from ..log import get_logger
 from ..numerics import ops
 from ..numerics.layer_spec import LayerSpec, require_spec
-from ..numerics.scales import Act, quantize_weight
+from ..numerics.scales import Act
+from ..numerics.weights import quantize_weight
 from .observers import MaxAbsObserver
 
 PROJ = ("gate_up_proj", "down_proj")
@@ -154,7 +155,8 @@ class Fp8Experts(_TwinExperts):
         weights, scales, inputs = {}, {}, {}
         for p in PROJ:
             w_hp = getattr(module, p).detach()
-            q = [quantize_expert(w_hp[e], spec) for e in range(len(w_hp))]
+            q = [quantize_expert(w_hp[e], spec, layers.get(record_name(name, p, e)) if layers else None,
+                                 record_name(name, p, e)) for e in range(len(w_hp))]
             weights[p] = torch.stack([w for w, _ in q])
             scales[p] = torch.stack([s for _, s in q])
             inputs[p] = expert_input_scales(name, p, len(w_hp), spec, layers, w_hp.device)
@@ -177,12 +179,14 @@ class Fp8Experts(_TwinExperts):
                             rowwise=self.gate_up_proj_scale.dim() > 1 or self.gate_up_proj_input_scale is None)
 
 
-def quantize_expert(w_hp: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_expert(w_hp: torch.Tensor, spec: LayerSpec, record: dict | None = None,
+                    name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_fp8 (out, in), float32 scale: () per tensor, (out,) per channel) of one expert's projection (out, in),
-    e.g. `gate_up_proj[e]` (2I, H), its gate and up rows together: the one function in-memory QUANTIZE, `ds-quant
-    convert` and quantize-on-load quantize experts with."""
-    w_fp8, scale = quantize_weight(w_hp, spec.recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff)
-    return w_fp8, scale.float()
+    e.g. `gate_up_proj[e]` (2I, H), its gate and up rows together: the one weight path (numerics/weights.py), as
+    in-memory QUANTIZE, `ds-quant convert` and quantize-on-load call it. `record` (its measurement, `name` its
+    record name): checked against the weight (the weights must be the measured ones)."""
+    q = quantize_weight(w_hp, spec, record, name=name)
+    return q.w_q, q.w_scale
 
 
 def expert_input_scales(name: str, proj: str, num_experts: int, spec: LayerSpec, layers: dict | None,

@@ -8,7 +8,7 @@ layer's `LayerSpec` (layer_spec.resolve) and never reads the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,9 @@ from torch import nn
 from ..config import ActScope, MeasureExclude
 from ..files.measurements import linear_record
 from ..numerics import ops
-from ..numerics.gptq import gptq_round
 from ..numerics.layer_spec import LayerSpec, outlier_split, require_spec
-from ..numerics.scales import Act, quantize_weight, tensor_to_amax
+from ..numerics.scales import Act
+from ..numerics.weights import QuantizedWeight, quantize_weight
 from ..parallel import dist
 from ..parallel.tp import Kind, TPLayout
 from .observers import HessianObserver, MaxAbsObserver
@@ -132,25 +132,17 @@ class Fp8Linear(_TwinLinear):
         for round-to-nearest weights."""
         spec = require_spec(spec, "Fp8Linear.from_original")
         layout = TPLayout.of(module)
-        recipe = spec.recipe
         w_hp = module.weight.detach()
-        if record is not None and record.get("weight_amax") is not None:
-            _check_weights_unchanged(name, w_hp, record["weight_amax"], layout)
         if hessian is not None and spec.gptq is not None:
-            w_fp8, weight_scale, outliers = gptq_weight(name, layout, w_hp, record, spec, hessian)
-        else:
+            q, outliers = gptq_weight(name, layout, w_hp, record, spec, hessian)
+        else:  # the one weight path (numerics/weights.py), on this rank's slice: statistics reduced over the ranks
             outliers = split_outliers(record, layout, w_hp, spec.outlier_channels) if record else None
-            if outliers is not None:
-                w_hp = outliers.weight_rest
-            reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
-            w_fp8, weight_scale = quantize_weight(w_hp, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff,
-                                                  reduce_max, reduce_sum)
-        if outliers is not None:
-            record = outliers.record
-        input_scale = None
-        if recipe.act is not Act.DYNAMIC:
-            input_scale = spec.input_scale(input_amax(record, layout, spec.act_scope) if record else 0.0,
-                                           device=w_hp.device)
+            rec = record if outliers is None else outliers.record
+            reduce_max, reduce_sum = layout.reducers(spec.recipe.weight_per_channel)
+            q = quantize_weight(w_hp, spec, rec, name=name, input_amax=_rank_input_amax(rec, layout, spec),
+                                keep=None if outliers is None else outliers.index, reduce_max=reduce_max,
+                                reduce_sum=reduce_sum, reduce_tensor_max=layout.reducers(per_channel=False)[0])
+        w_fp8, weight_scale, input_scale = q.w_q, q.w_scale, q.input_scale
         return cls(name, layout, w_fp8, weight_scale, input_scale, module.bias, w_hp.dtype, spec.fp8_max, outliers)
 
     def gemm(self, x_local: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -181,7 +173,6 @@ class Outliers:
     """One rank's part of a layer's outlier channels (config `outlier_channels`, LLM.int8()-style decomposition)."""
     index: torch.Tensor  # (k,) int64: local input channels
     weight_hp: torch.Tensor  # (out_local, k): their weight columns, high precision
-    weight_rest: torch.Tensor  # (out_local, in_local): the weight with those columns zeroed, to quantize
     record: dict  # the measurement without them: input_amax over the other channels
 
 
@@ -199,51 +190,48 @@ def split_outliers(record: dict, layout: TPLayout, w_hp: torch.Tensor, k: int) -
     local = top[(top >= part.start) & (top < part.stop)] - part.start
     rest = {**record, "input_amax": float(rest_channels.max()), "input_channel_amax": rest_channels.numpy()}
     local = local.to(w_hp.device)
-    weight_rest = w_hp.clone()
-    weight_rest[:, local] = 0
-    return Outliers(local, w_hp[:, local].clone(), weight_rest, rest)
+    return Outliers(local, w_hp[:, local].clone(), rest)
 
 
 def gptq_weight(name: str, layout: TPLayout, w_hp: torch.Tensor, record: dict | None, spec: LayerSpec,
-                hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Outliers | None]:
-    """(w_fp8, weight_scale, outliers) of this rank's part of the layer, its weight rounded by GPTQ (gptq.py) on
-    the grid of the scale quantize_weight gives it (outlier columns zeroed, as in the round-to-nearest path).
+                hessian: torch.Tensor) -> tuple[QuantizedWeight, Outliers | None]:
+    """(this rank's part of the quantized layer, outliers): its weight rounded by GPTQ (the one weight path,
+    numerics/weights.py) on the grid of the scale round-to-nearest gives it (outlier columns zeroed, as there).
     GPTQ couples the input channels, so a layer whose rank holds a slice of them (row-parallel) gathers its whole
     weight first (a collective over the TP group): every rank rounds the same whole weight with the same full-K
     Hessian and keeps its columns, so every TP size gets the same FP8 weight. Column-parallel rows are rounded
     where they are (rows are independent). The outlier columns stay high precision and take up the rest of the
     error (GPTQ's compensation), so they differ from the bf16 originals."""
-    recipe = spec.recipe
     part = layout.input_slice()
+    tensor_max = layout.reducers(per_channel=False)[0]
     if part is not None and layout.tp_size > 1:
         w_full = dist.all_gather_last_dim(w_hp, layout.partition_sizes, layout.mp_group).to(w_hp.dtype)
-        reduce_max = reduce_sum = lambda t: t  # noqa: E731 - the whole weight is here
+        reduce_max = reduce_sum = tensor_max = lambda t: t  # noqa: E731 - the whole weight is here
     else:
         w_full, part = w_hp, None
-        reduce_max, reduce_sum = layout.reducers(recipe.weight_per_channel)
+        reduce_max, reduce_sum = layout.reducers(spec.recipe.weight_per_channel)
     split = outlier_split(record, spec.outlier_channels) if record else None
     top, rest_record = None, record
     if split is not None and len(split[1]) == w_full.shape[1]:
         top, rest = split
         rest_record = {**record, "input_amax": float(rest.max()), "input_channel_amax": rest.numpy()}
-    w_rest = w_full.clone()
-    if top is not None:
-        w_rest[:, top.to(w_rest.device)] = 0
-    _, scale = quantize_weight(w_rest, recipe, spec.fp8_dtype, spec.profile, spec.weight_backoff, reduce_max,
-                               reduce_sum)
-    codes, keep_hp = gptq_round(w_full, hessian, scale, spec.fp8_dtype, spec.fp8_max, spec.gptq, keep=top,
-                                name=name)
+    q = quantize_weight(w_full, spec, rest_record, hessian, name=name,
+                        input_amax=_rank_input_amax(rest_record, layout, spec), keep=top, reduce_max=reduce_max,
+                        reduce_sum=reduce_sum, reduce_tensor_max=tensor_max)
     start = 0 if part is None else part.start
     width = w_hp.shape[1]
-    if part is not None:
-        codes = codes[:, start:start + width].contiguous()
+    codes = q.w_q if part is None else q.w_q[:, start:start + width].contiguous()
     if top is None:
-        return codes, scale, None
+        return replace(q, w_q=codes), None
     mine = (top >= start) & (top < start + width)
     local = (top[mine] - start).to(w_hp.device)
-    w_rest_local = w_rest[:, start:start + width]
-    return codes, scale, Outliers(local, keep_hp[:, mine.to(keep_hp.device)].to(w_hp.dtype).contiguous(),
-                                  w_rest_local, rest_record)
+    return replace(q, w_q=codes, keep_hp=None), Outliers(
+        local, q.keep_hp[:, mine.to(q.keep_hp.device)].to(w_hp.dtype).contiguous(), rest_record)
+
+
+def _rank_input_amax(record: dict | None, layout: TPLayout, spec: LayerSpec) -> float | None:
+    """The input max-abs this rank scales with (None: no record, a unit range)."""
+    return None if record is None or spec.recipe.act is Act.DYNAMIC else input_amax(record, layout, spec.act_scope)
 
 
 def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:
@@ -255,12 +243,3 @@ def input_amax(record: dict, layout: TPLayout, act_scope: ActScope) -> float:
             len(channels) == record["in_features"]:
         return max(channels[part], default=0.0)
     return record["input_amax"]
-
-
-def _check_weights_unchanged(name: str, w_hp: torch.Tensor, measured_amax: float, layout: TPLayout) -> None:
-    # The measurement covers the whole (unsharded) weight; above it means the weights changed since MEASURE.
-    reduce_max, _ = layout.reducers(per_channel=False)
-    amax = float(reduce_max(tensor_to_amax(w_hp)))
-    if amax > measured_amax * (1 + 1e-3) + 1e-12:
-        raise ValueError(f"layer '{name}': weight max-abs {amax:.6g} exceeds the measured {measured_amax:.6g}; "
-                         "the weights changed since MEASURE. Measure again.")

@@ -40,6 +40,7 @@ from .scales import (
     fp8_dtype,
     input_to_scale,
 )
+from .scheme import QuantScheme, scheme_of
 
 
 class Kind(str, enum.Enum):
@@ -82,6 +83,13 @@ class LayerSpec:
     @property
     def needs_measurements(self) -> bool:
         return self.recipe.needs_measurements
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The layer's scheme in compressed-tensors' terms (scheme.py), HQT's rounding, backoffs, FP8 flavour and
+        device profile filled in; `scheme.recipe_of(spec.scheme) == spec.recipe` (tests/test_scheme.py)."""
+        return scheme_of(self.recipe, self.fp8_format, self.device_for_scales, self.input_backoff,
+                         self.weight_backoff)
 
     def with_method(self, method: ScaleMethod | str) -> LayerSpec:
         """The same layer under another scale method (the workbook's per-method columns)."""

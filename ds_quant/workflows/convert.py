@@ -25,14 +25,9 @@ from ..layers.experts import expert_input_scales, quantize_expert, record_name
 from ..layers.patch import make_experts_filter
 from ..log import get_logger
 from ..numerics import layer_spec
-from ..numerics.scales import (
-    PROFILES,
-    RECIPES,
-    Act,
-    fp8_dtype,
-)
+from ..numerics.scales import Act
 from .hf_model import check_expert_parts, expert_layouts, model_linears, read_expert_hp
-from .quantize import check_unchanged, checked_measurements, quantize_linear, selected_by_lists
+from .quantize import checked_measurements, quantize_linear, selected_by_lists
 
 
 def _source_files(model_dir: Path) -> list[str]:
@@ -65,8 +60,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
 
         hess = hessians.read(cfg.dump_stats_path, {n: linears[n][1] for n in targets},
                              doc.get("run") if doc else None)
-    fp8 = fp8_dtype(cfg.fp8_config)
-    profile = PROFILES[cfg.device_for_scales]
+    specs = {n: layer_spec.resolve(cfg, n) for n in targets}  # each linear's numbers, as in-memory QUANTIZE's
     schemes, seen = {}, set()
     writer = FolderWriter(out_dir)
     try:
@@ -90,9 +84,9 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                 if tuple(info.shape) != linears[name]:
                     raise CheckpointError(f"{src / fname}: tensor '{key}' is {list(info.shape)}, the model's "
                                           f"config says {list(linears[name])}")
-                recipe = RECIPES[cfg.method_for(name)]
+                recipe = specs[name].recipe
                 prefix = key[: -len(".weight")]  # the file's own naming, beside its weight
-                plan[key] = (fp8, info.shape)
+                plan[key] = (specs[name].fp8_dtype, info.shape)
                 plan[f"{prefix}.weight_scale"] = (torch.float32, (info.shape[0], 1) if recipe.weight_per_channel
                                                   else (1,))
                 if recipe.act is not Act.DYNAMIC:
@@ -110,7 +104,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
                         bar.update()
                         continue
                     w_hp = f.read(key).to(dtype)
-                    layer, w_fp8 = quantize_linear(name, w_hp, cfg, records.get(name),
+                    layer, w_fp8 = quantize_linear(name, w_hp, specs[name], records.get(name),
                                                    None if hess is None else hess.get(name))
                     del w_hp
                     prefix = key[: -len(".weight")]
@@ -136,7 +130,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config, dt
         writer.copy_files(src)
         model_config = json.loads((src / "config.json").read_text())
         extras = {"scale_method": cfg.scale_method.value, "device_for_scales": cfg.device_for_scales.value,
-                  "fp8_config": cfg.fp8_config.value, "act_limit": profile.fp8_max(fp8),
+                  "fp8_config": cfg.fp8_config.value, "act_limit": layer_spec.resolve(cfg, "").fp8_max,
                   "weight_backoff": cfg.weight_backoff, "input_backoff": cfg.input_backoff,
                   "dtype": str(dtype).replace("torch.", ""),
                   "gptq": None if cfg.gptq is None else vars(cfg.gptq),
@@ -262,8 +256,9 @@ class _ExpertsWriter:
         if k not in self._cache:
             layout = self.layouts[fqn]
             w_hp = read_expert_hp(self.source, layout, fqn, proj, e).to(self.dtype)
-            check_unchanged(record_name(fqn, proj, e), w_hp, self.records_doc.get(record_name(fqn, proj, e)))
-            self._cache[k] = [*quantize_expert(w_hp, self.specs[fqn]), len(layout.parts(proj, e))]
+            name = record_name(fqn, proj, e)
+            self._cache[k] = [*quantize_expert(w_hp, self.specs[fqn], self.records_doc.get(name), name),
+                              len(layout.parts(proj, e))]
         entry = self._cache[k]
         entry[2] -= 1
         if entry[2] == 0:

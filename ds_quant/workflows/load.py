@@ -43,7 +43,7 @@ from .hf_model import (
     pending,
     read_expert_hp,
 )
-from .quantize import QuantizingFolder, check_unchanged
+from .quantize import QuantizingFolder
 
 
 # -- after AutoTP: read this rank's slices --------------------------------------------------------------------
@@ -313,8 +313,8 @@ def _quantized_experts_twin(folder, layouts: dict, cfg, module: nn.Module, fqn: 
         s = []
         for e in range(n):
             w_hp = read_expert_hp(folder, layout, fqn, proj, e).to(dtype)
-            check_unchanged(record_name(fqn, proj, e), w_hp, (records or {}).get(record_name(fqn, proj, e)))
-            w_fp8, scale = quantize_expert(w_hp, spec)
+            w_fp8, scale = quantize_expert(w_hp, spec, (records or {}).get(record_name(fqn, proj, e)),
+                                           record_name(fqn, proj, e))
             del w_hp
             w[e] = w_fp8
             s.append(scale)

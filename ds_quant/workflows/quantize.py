@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..errors import CheckpointError
 from ..files import hessians, measurements, shards
 from ..files.checkpoint import Fp8Layer
 from ..files.safetensors import SafetensorsFolder, fresh_tensor, release_freed_memory
@@ -15,19 +14,7 @@ from ..layers.experts import Fp8Experts, expert_shapes
 from ..layers.linear import Fp8Linear
 from ..layers.patch import model_tp, tp_position
 from ..log import get_logger
-from ..numerics import layer_spec
-from ..numerics.gptq import gptq_round
-from ..numerics.scales import (
-    PROFILES,
-    RECIPES,
-    Act,
-    cast_weight_block,
-    fp8_dtype,
-    input_to_scale,
-    quantize_weight,
-    tensor_to_amax,
-    weight_scale_blocks,
-)
+from ..numerics import layer_spec, weights
 from ..parallel import dist
 from ..parallel.dist import talk_group
 from ..parallel.tp import TPLayout
@@ -128,26 +115,13 @@ def selected_by_lists(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
     return not any(cfg.blocklist.matches(t, fqn) for t in names)
 
 
-def quantize_linear(name: str, w_hp: torch.Tensor, cfg: QuantConfig, record: dict | None,
+def quantize_linear(name: str, w_hp: torch.Tensor, spec: layer_spec.LayerSpec, record: dict | None,
                     hessian: torch.Tensor | None = None):
-    """(Fp8Layer with its scales, the FP8 weight) of one whole linear: what in-memory QUANTIZE gives it at any TP
-    size (its statistics are reduced over the ranks to the whole tensor's); with `hessian` (config `gptq`) the
-    weight is rounded by GPTQ on the same scales."""
-    recipe = RECIPES[cfg.method_for(name)]
-    fp8, profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
-    check_unchanged(name, w_hp, record)
-    w_fp8, w_scale = quantize_weight(w_hp, recipe, fp8, profile, cfg.weight_backoff)
-    if hessian is not None:
-        w_fp8 = gptq_round(w_hp, hessian, w_scale, fp8, profile.fp8_max(fp8), cfg.gptq, name=name)[0]
-    return Fp8Layer(name, tuple(w_hp.shape), w_scale, _input_scale(recipe, cfg, record)), w_fp8
-
-
-def _input_scale(recipe, cfg: QuantConfig, record: dict | None) -> torch.Tensor | None:
-    if recipe.act is Act.DYNAMIC:
-        return None
-    amax = torch.tensor(record["input_amax"] if record else 0.0)
-    return input_to_scale(amax, recipe, fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales],
-                          cfg.input_backoff).reshape(())
+    """(Fp8Layer with its scales, the FP8 weight) of one whole linear under its `spec`
+    (`layer_spec.resolve(config, name)`): the one weight path, as in-memory QUANTIZE gives it at any TP size (its
+    statistics are reduced over the ranks to the whole tensor's); with `hessian` (config `gptq`) rounded by GPTQ."""
+    q = weights.quantize_weight(w_hp, layer_spec.require_spec(spec, "quantize_linear"), record, hessian, name=name)
+    return Fp8Layer(name, tuple(w_hp.shape), q.w_scale, q.input_scale), q.w_q
 
 
 class QuantizingFolder(SafetensorsFolder):
@@ -160,11 +134,11 @@ class QuantizingFolder(SafetensorsFolder):
         """`expert_records`: the measurement records (name -> shape) of the fused experts to quantize too."""
         super().__init__(folder, rename)
         self.cfg, self.dtype = cfg, dtype
-        self.act_limit = PROFILES[cfg.device_for_scales].fp8_max(fp8_dtype(cfg.fp8_config))
+        self.specs = {fqn: layer_spec.resolve(cfg, fqn) for fqn in wanted}
+        self.act_limit = layer_spec.resolve(cfg, "").fp8_max  # the config's FP8 format and device profile
         doc, _ = checked_measurements(cfg, wanted, expert_records)
         self.records = doc["layers"] if doc else {}
         self.layers = _Lazy(self, wanted)
-        self.fp8, self.profile = fp8_dtype(cfg.fp8_config), PROFILES[cfg.device_for_scales]
         self._last: tuple[str, Fp8Layer, torch.Tensor | None] | None = None
 
     def quantized(self, fqn: str) -> Fp8Layer:
@@ -174,19 +148,17 @@ class QuantizingFolder(SafetensorsFolder):
         if self._last is None or self._last[0] != fqn:
             self._last = None  # free the previous layer first
             release_freed_memory()
-            key, record = f"{fqn}.weight", self.records.get(fqn)
-            recipe = RECIPES[self.cfg.method_for(fqn)]
-            if recipe.weight_opt:
+            key, record, spec = f"{fqn}.weight", self.records.get(fqn), self.specs[fqn]
+            if spec.recipe.weight_opt:
                 w_hp = SafetensorsFolder.read(self, key).to(self.dtype)
-                self._last = (fqn, *quantize_linear(fqn, w_hp, self.cfg, record))
+                self._last = (fqn, *quantize_linear(fqn, w_hp, spec, record))
             else:
                 n, k = self.shape(key)
                 step = self._step(k)
-                blocks = (SafetensorsFolder.read(self, key, slice(i, min(i + step, n))).to(self.dtype)
-                          for i in range(0, max(n, 1), step))
-                scale, top = weight_scale_blocks(blocks, n, recipe, self.fp8, self.profile, self.cfg.weight_backoff)
-                check_unchanged(fqn, top, record)
-                self._last = (fqn, Fp8Layer(fqn, (n, k), scale, _input_scale(recipe, self.cfg, record)), None)
+                rows = weights.RowBlocks(lambda: (SafetensorsFolder.read(self, key, slice(i, min(i + step, n)))
+                                                  .to(self.dtype) for i in range(0, max(n, 1), step)), (n, k))
+                q = weights.quantize_weight(rows, spec, record, name=fqn)
+                self._last = (fqn, Fp8Layer(fqn, (n, k), q.w_scale, q.input_scale), None)
         return self._last[1]
 
     @staticmethod
@@ -207,7 +179,7 @@ class QuantizingFolder(SafetensorsFolder):
                  (rows if isinstance(rows, list) else [rows])]
         c0, c1 = (0, k) if cols is None else cols.indices(k)[:2]
         # the local piece in a mapping of its own, off the heap the blocks churn through
-        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), self.fp8)
+        local = fresh_tensor((sum(max(0, b - a) for a, b in parts), max(0, c1 - c0)), self.specs[fqn].fp8_dtype)
         at, step = 0, self._step(k)
         for a, b in parts:
             for i in range(a, b, step):
@@ -216,7 +188,7 @@ class QuantizingFolder(SafetensorsFolder):
                     local[at:at + m] = w[i:i + m, c0:c1]
                 else:
                     blk = SafetensorsFolder.read(self, key, slice(i, i + m), cols).to(self.dtype)
-                    local[at:at + m] = cast_weight_block(blk, layer.weight_scale, i, self.fp8, self.profile)
+                    local[at:at + m] = weights.cast_rows(blk, layer.weight_scale, i, self.specs[fqn])
                 at += m
         return local
 
@@ -237,7 +209,7 @@ class _Lazy(dict):
 def checked_measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]], expert_records: dict | None = None):
     """The merged measurements, checked for the linears whose method needs them and for `expert_records` (the
     per-expert records, name -> shape, of the experts blocks whose method needs them); (None, None) if none do."""
-    needs = [n for n in linears if RECIPES[cfg.method_for(n)].needs_measurements]
+    needs = [n for n in linears if layer_spec.resolve(cfg, n).needs_measurements]
     if not needs and not expert_records:
         return None, None
     doc, where = shards.read_local(cfg.dump_stats_path)
@@ -246,14 +218,3 @@ def checked_measurements(cfg: QuantConfig, linears: dict[str, tuple[int, int]], 
     measurements.check_layers(doc, where, wanted)
     return doc, where
 
-
-def check_unchanged(name: str, w_hp: torch.Tensor | float, record: dict | None) -> None:
-    """`w_hp`: the weight, or its max-abs already computed."""
-    measured = None if record is None else record.get("weight_amax")
-    if measured is None:
-        return
-    amax = w_hp if isinstance(w_hp, float) else max((float(tensor_to_amax(c)) for c in w_hp.split(1 << 12)),
-                                                      default=0.0)  # row blocks: no copy of the whole weight
-    if amax > measured * (1 + 1e-3) + 1e-12:
-        raise CheckpointError(f"layer '{name}': weight max-abs {amax:.6g} exceeds the measured {measured:.6g}; the "
-                              "weights changed since MEASURE. Measure again.")
