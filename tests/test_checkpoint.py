@@ -485,6 +485,25 @@ def test_truncated_or_corrupt_folder_gives_one_error_naming_file_and_tensor(work
         Fp8Folder(bad)
 
 
+def test_wrapped_script_on_a_truncated_folder_ends_in_one_line(work, tmp_path):
+    """`python -m ds_quant.run` with a script that loads a truncated FP8 folder: the CheckpointError (raised inside
+    the user's from_pretrained) ends the run in one line naming the file, no traceback, a non-zero exit."""
+    w, cases = work
+    bad = _copy(w, "truncated_run")
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    (tmp_path / "q.json").write_text(json.dumps(cases["llama_hw"][1]))
+    script = tmp_path / "load.py"
+    script.write_text("import sys\nfrom transformers import AutoModelForCausalLM\n"
+                      "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n")
+    r = subprocess.run([sys.executable, "-m", "ds_quant.run", "--quant-config", str(tmp_path / "q.json"), str(script),
+                        str(bad)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    lines = [x for x in out.splitlines() if "model.safetensors" in x]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "not a readable safetensors file" in lines[0], out[-3000:]
+
+
 def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypatch):
     """An FP8 folder whose expert linear has the wrong shape, is not FP8, lacks its weight_scale or (alone among
     its block) its input_scale; a bf16 source for quantize-on-load with a wrong expert shape: one line naming the
