@@ -28,6 +28,7 @@ from .hook import install
 from .layers.experts import Fp8Experts, MeasuredExperts
 from .layers.linear import Fp8Linear, MeasuredLinear
 from .layers.patch import format_skipped, skipped_tp_layers
+from .layers.state import state_of
 from .log import current_rank, get_logger
 from .parallel import dist
 from .workflows.measure import finish_measurements
@@ -147,8 +148,8 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
 
     log, merged = get_logger(), []
     for model in models:
-        if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
-                                                                                     False):
+        if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and \
+                not getattr(state_of(model), "finished", False):
             if not dist.initialized():
                 log.warning("the script destroyed the process group before its measurements were saved; call "
                             "ds_quant.finish_measurements(model) before destroying it")

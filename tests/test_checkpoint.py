@@ -691,12 +691,21 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
     for name in ("llama_pcs", "neox_block_head", "mixtral_hw"):  # quantize-on-load: the bf16 folder, same meta path
         plan.append({**plan[[p["name"] for p in plan].index(name)], "name": f"{name}_qol",
                      "fp8": str(cases[name][0]), "quantize_on_load": True})
+    # rank 1 alone gets a folder of another model (its MLP shapes differ): every rank stops with the same one line
+    other = _copy(w, "other_model_rank1")
+    c = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**c, "intermediate_size": 256}))
+    plan.append({**plan[0], "name": "other_model_on_rank1", "fp8_rank1": str(other)})
     (w / "plan.json").write_text(json.dumps(plan))
     deepspeed(2, ROOT / "tests" / "scripts" / "fp8_checkpoint_tp.py", str(w / "plan.json"), str(w / "tp2"),
               cwd=w, timeout=600)
     for rank in (0, 1):
         res = json.loads((w / f"tp2_{rank}.json").read_text())
+        fault = res.pop("other_model_on_rank1")
         print(f"rank {rank} seconds per case:", {n: round(r["seconds"], 1) for n, r in res.items()})
+        assert fault["error"] == "RankError" and fault["message"] == (
+            "loading the FP8 checkpoint: rank 1: " + str(other) + ": layer 'model.layers.0.mlp.gate_proj' is "
+            "[352, 128] in the checkpoint, [256, 128] in the model; the checkpoint is for another model"), fault
         for name, r in res.items():
             assert r["equal"], (rank, name, r["max_abs_diff"])
             assert r["params_on_meta_before_init_inference"] > 0 and r["params_on_meta_after"] == 0

@@ -28,16 +28,18 @@ whose attention does not go through the interface (they call torch.matmul inline
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ATTENTION_TYPES, Mode, QuantConfig
+from ..config import ATTENTION_TYPES, Mode
 from ..errors import MeasurementError
 from ..files.measurements import ATTENTION_OPERANDS, attention_record
 from ..log import current_rank, get_logger
 from ..numerics import layer_spec
 from ..numerics.scales import Act, to_fp8_saturated
+from .state import state_of
 
 IMPL = "ds_quant_fp8"
 MATMUL_TYPE, SOFTMAX_TYPE = ATTENTION_TYPES
@@ -86,14 +88,6 @@ def site_names(attn: str) -> dict[str, tuple[str, str]]:
             "softmax": (SOFTMAX_TYPE, f"{attn}.softmax")}
 
 
-def selected(cfg: QuantConfig, type_name: str, name: str) -> bool:
-    return type_name in cfg.allowlist.types and not cfg.blocklist.matches(type_name, name)
-
-
-def enabled(cfg: QuantConfig) -> bool:
-    return any(t in cfg.allowlist.types for t in ATTENTION_TYPES)
-
-
 def attention_modules(model) -> dict[str, torch.nn.Module]:
     """The decoder's attention modules: modules with an integer `layer_idx` whose class name says attention."""
     return {fqn: m for fqn, m in model.named_modules()
@@ -118,10 +112,13 @@ def _text_config(model):
 
 
 # -- installing ---------------------------------------------------------------------------------------------------
-def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
-    """Mark the selected attention modules and route the model's attention through `ds_quant_fp8`. QUANTIZE:
-    `load()` -> (measurement document, its path). Returns {attention name: site} (empty: nothing to do)."""
-    if not enabled(cfg) or _text_config(model) is None:
+def install(model, mode: Mode, select: Callable[[str, str], bool], spec: Callable[[str], layer_spec.LayerSpec],
+            load=None) -> dict[str, AttentionSite]:
+    """Mark the selected attention modules and route the model's attention through `ds_quant_fp8`. The caller
+    resolves the config (workflows.kv_attention): `select(HQT type, site name)` says whether a matmul / softmax is
+    selected, `spec(attention name)` gives its LayerSpec. QUANTIZE: `load()` -> (measurement document, its path).
+    Returns {attention name: site} (empty: nothing to do), also kept in the model's PreparedState."""
+    if _text_config(model) is None:
         return {}
     log = get_logger()
     config = _text_config(model)
@@ -129,11 +126,11 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     covered = {cls: _uses_interface(cls) for cls in {type(m) for m in modules.values()}}  # source read once per class
     inline = sorted({cls.__name__ for cls, ok in covered.items() if not ok})
     if inline:
-        log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(inline)} (the model calls "
+        log.warning(f"{mode.value}: attention matmuls not covered in {', '.join(inline)} (the model calls "
                     "torch.matmul inline, not transformers' attention interface); they stay in high precision")
     special = sorted({type(m).__name__ for m in modules.values() if _has_extras(m, config)})
     if special:
-        log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(special)} (attention sinks or "
+        log.warning(f"{mode.value}: attention matmuls not covered in {', '.join(special)} (attention sinks or "
                     "logit soft-capping, which ds_quant's attention does not implement); they stay in high precision")
         modules = {n: m for n, m in modules.items() if not _has_extras(m, config)}
     fallback = getattr(config, "_attn_implementation", None) or "eager"
@@ -143,15 +140,15 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     for name, m in modules.items():
         if not covered[type(m)]:
             continue
-        which = {k: selected(cfg, t, n) for k, (t, n) in site_names(name).items()}
+        which = {k: select(t, n) for k, (t, n) in site_names(name).items()}
         if any(which.values()):
-            specs[name] = spec = layer_spec.resolve(cfg, name, layer_spec.Kind.ATTENTION)
-            sites[name] = AttentionSite(name, cfg.mode, which["matmul_qk"], which["matmul_av"], which["softmax"],
-                                        fallback, spec.fp8_dtype, spec.fp8_max)
+            specs[name] = one = spec(name)
+            sites[name] = AttentionSite(name, mode, which["matmul_qk"], which["matmul_av"], which["softmax"],
+                                        fallback, one.fp8_dtype, one.fp8_max)
     if not sites:
         return {}
     dtype = next(iter(sites.values())).dtype
-    if cfg.mode is Mode.QUANTIZE:
+    if mode is Mode.QUANTIZE:
         _set_scales(sites, specs, load)
     for name, m in modules.items():
         setattr(m, _FALLBACK_ATTR, fallback)
@@ -159,11 +156,12 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
             setattr(m, _ATTR, sites[name])
     _register()
     config._attn_implementation = IMPL
+    state_of(model, create=True).attention = sites
     if current_rank() == 0:
         ops = sorted({k for s in sites.values() for k in ("matmul_qk", "matmul_av", "softmax") if getattr(s, k)})
-        what = ("recording q/k/v/softmax max-abs" if cfg.mode is Mode.MEASURE
+        what = ("recording q/k/v/softmax max-abs" if mode is Mode.MEASURE
                 else f"{str(dtype).replace('torch.', '')} operands ({', '.join(ops)})")
-        log.info(f"{cfg.mode.value}: attention {what} in {len(sites)} layer(s) (attention implementation "
+        log.info(f"{mode.value}: attention {what} in {len(sites)} layer(s) (attention implementation "
                  f"'{IMPL}', in place of '{fallback}')")
     return sites
 
@@ -197,7 +195,8 @@ def _register() -> None:
 
 
 def sites_of(model) -> dict[str, AttentionSite]:
-    return {n: getattr(m, _ATTR) for n, m in model.named_modules() if getattr(m, _ATTR, None) is not None}
+    state = state_of(model)
+    return {} if state is None else dict(state.attention)
 
 
 def records(model) -> dict[str, dict]:
