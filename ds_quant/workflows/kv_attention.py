@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import functools
 
-from ..config import ATTENTION_TYPES, KV_CACHE_TYPES, QuantConfig
+from ..config import ATTENTION_TYPES, QuantConfig
 from ..layers import attention, kv_cache
 from ..numerics import layer_spec
-
-KV_TYPE = KV_CACHE_TYPES[0]
 
 
 def kv_plan(model, cfg: QuantConfig, load=None) -> kv_cache.KVPlan | None:
     """The KV-cache plan of `model` under `cfg` (None: nothing to swap). `load()` -> (measurement document, its
     path), called only if static scales are needed."""
-    return kv_cache.plan_for(model, cfg.mode, functools.partial(cfg.selects, "kv_cache", KV_TYPE),
+    return kv_cache.plan_for(model, cfg.mode, functools.partial(cfg.selects, "kv_cache", kv_cache.KV_TYPE),
                              lambda name: layer_spec.resolve(cfg, name, "kv_cache"), load,
-                             named=KV_TYPE in cfg.allowlist.types)
+                             named=kv_cache.KV_TYPE in cfg.allowlist.types)
 
 
 def install(model, cfg: QuantConfig, load=None) -> None:

@@ -41,7 +41,6 @@ from .hf_model import (
     expert_layouts,
     fused_hp,
     key_renamer,
-    pending,
     read_expert_hp,
 )
 from .quantize import QuantizingFolder, check_unchanged
@@ -50,7 +49,8 @@ from .quantize import QuantizingFolder, check_unchanged
 # -- after AutoTP: read this rank's slices --------------------------------------------------------------------
 def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
     """Fill a pending model from its folder; returns (model, swap report). Ranks agree on errors."""
-    p = pending(model)
+    state = state_of(model)
+    p = state.pending
 
     def check():
         layouts = expert_layouts(model)
@@ -78,7 +78,7 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
                          progress=lambda items: rank0_progress(items, "ds_quant load FP8", unit="layer", min_items=8))
     model, experts_report = swap(model, experts, make_experts)
     _fill_rest(model, folder, p, layouts)
-    state_of(model).pending = None
+    state.pending = None
     return model, report + experts_report
 
 
