@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import errors
 from .config import QuantConfig
-from .errors import CheckpointError, ConfigError, MeasurementError
+from .errors import ConfigError, DsQuantError
 from .files import hqt_import, shards, tables
 from .files import measurements as ms
 from .numerics.layer_spec import table_specs
@@ -16,23 +15,15 @@ from .workflows.convert import convert
 
 
 def check_config(args: argparse.Namespace) -> int:
-    try:
-        QuantConfig.from_json(args.file)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 1
+    QuantConfig.from_json(args.file)
     print("ok")
     return 0
 
 
 # -- measurement files (merge / inspect / import-hqt) -----------------------------------------------------
 def merge_cmd(args: argparse.Namespace) -> int:
-    try:
-        out = shards.merge_files(args.prefix, args.world_size, args.out)
-        doc = ms.load(out)
-    except errors.MeasurementError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = shards.merge_files(args.prefix, args.world_size, args.out)
+    doc = ms.load(out)
     print(f"merged {doc['world_size']} shard(s), {len(doc['layers'])} layers -> {out}")
     return 0
 
@@ -40,33 +31,28 @@ def merge_cmd(args: argparse.Namespace) -> int:
 def inspect_cmd(args: argparse.Namespace) -> int:
     import json
 
-
     flags = {"--scale-method": args.scale_method, "--device-for-scales": args.device_for_scales, "--fp8": args.fp8}
-    try:
-        doc = ms.load(args.file)
-        if args.quant_config:
-            given = [k for k, v in flags.items() if v is not None]
-            if given:
-                raise ConfigError(f"ds-quant inspect: {', '.join(given)} and --quant-config both set the scales; "
-                                  "drop the flag (the config's scale_method, device_for_scales and fp8_config apply)")
+    doc = ms.load(args.file)
+    if args.quant_config:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise ConfigError(f"ds-quant inspect: {', '.join(given)} and --quant-config both set the scales; "
+                              "drop the flag (the config's scale_method, device_for_scales and fp8_config apply)")
 
-            cfg = QuantConfig.from_json(args.quant_config)
-            rows = tables.layer_table(doc, specs=table_specs(doc, cfg))
-            what = (f"scales QUANTIZE uses with {args.quant_config} (scale_method {cfg.scale_method.value}"
-                    + (f", {len(cfg.scale_method_overrides)} override(s)" if cfg.scale_method_overrides else "")
-                    + f", input_backoff {cfg.input_backoff:g}, weight_backoff {cfg.weight_backoff:g}, "
-                    f"{cfg.device_for_scales.value}, {cfg.fp8_config.value}"
-                    + (f", {cfg.outlier_channels} outlier channel(s)" if cfg.outlier_channels else "")
-                    + (f", act_scope {cfg.act_scope.value}" if cfg.act_scope.value != "global" else "") + ")")
-            method = cfg.scale_method.value
-        else:
-            method = args.scale_method or "maxabs_hw"
-            device, fp8 = args.device_for_scales or "cuda", args.fp8 or "E4M3"
-            rows = tables.layer_table(doc, method, device, fp8)
-            what = f"scales for {method} ({device}, {fp8})"
-    except (errors.MeasurementError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        cfg = QuantConfig.from_json(args.quant_config)
+        rows = tables.layer_table(doc, specs=table_specs(doc, cfg))
+        what = (f"scales QUANTIZE uses with {args.quant_config} (scale_method {cfg.scale_method.value}"
+                + (f", {len(cfg.scale_method_overrides)} override(s)" if cfg.scale_method_overrides else "")
+                + f", input_backoff {cfg.input_backoff:g}, weight_backoff {cfg.weight_backoff:g}, "
+                f"{cfg.device_for_scales.value}, {cfg.fp8_config.value}"
+                + (f", {cfg.outlier_channels} outlier channel(s)" if cfg.outlier_channels else "")
+                + (f", act_scope {cfg.act_scope.value}" if cfg.act_scope.value != "global" else "") + ")")
+        method = cfg.scale_method.value
+    else:
+        method = args.scale_method or "maxabs_hw"
+        device, fp8 = args.device_for_scales or "cuda", args.fp8 or "E4M3"
+        rows = tables.layer_table(doc, method, device, fp8)
+        what = f"scales for {method} ({device}, {fp8})"
     if args.json:
         head = {k: v for k, v in doc.items() if k != "layers"}
         extra = {"quant_config": args.quant_config} if args.quant_config else {}
@@ -79,14 +65,10 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def import_hqt_cmd(args: argparse.Namespace) -> int:
-    try:
-        shapes = hqt_import.model_shapes(args.model) if args.model else None
-        doc, skipped = hqt_import.import_hqt(args.files, shapes, args.allow_pickle)
-        out = shards.merged_path(args.out)
-        ms.atomic_write_json(out, doc)
-    except errors.MeasurementError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    shapes = hqt_import.model_shapes(args.model) if args.model else None
+    doc, skipped = hqt_import.import_hqt(args.files, shapes, args.allow_pickle)
+    out = shards.merged_path(args.out)
+    ms.atomic_write_json(out, doc)
     for name, why in skipped:
         print(f"skipped {name}: {why}")
     print(f"imported {len(doc['layers'])} linear(s) from {len(args.files)} HQT file(s), skipped {len(skipped)} "
@@ -96,23 +78,14 @@ def import_hqt_cmd(args: argparse.Namespace) -> int:
 
 # -- report (per-layer FP8 error; issue 6) ---------------------------------------------------------------------
 def report_cmd(args: argparse.Namespace) -> int:
-    try:
-        return command(args.model, args.quant_config, args.text, args.max_length, args.json)
-    except (ConfigError, MeasurementError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return command(args.model, args.quant_config, args.text, args.max_length, args.json)
 
 
 # -- convert (FP8 checkpoint; issue 14) ---------------------------------------------------------------------------
 def convert_cmd(args: argparse.Namespace) -> int:
     import torch
 
-
-    try:
-        out = convert(args.model_dir, args.out_dir, args.quant_config, getattr(torch, args.dtype))
-    except (ConfigError, MeasurementError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = convert(args.model_dir, args.out_dir, args.quant_config, getattr(torch, args.dtype))
     print(f"wrote FP8 checkpoint {out}")
     return 0
 
@@ -168,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Our errors, in every command, end here: one line on stderr, exit 1 (no traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DsQuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

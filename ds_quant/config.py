@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ KV_CACHE_TYPES = ("KVCache",)
 # HQT's attention types (attention.py): opt-in, by naming them in the allowlist's types; naming them there does not
 # narrow the allowlist for the other types.
 ATTENTION_TYPES = ("Matmul", "Softmax")
+_ROLES = ("linear", "experts", "kv_cache", "attention")  # QuantConfig.selects
 SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES + KV_CACHE_TYPES + ATTENTION_TYPES
 # Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
 HQT_OTHER_TYPES = ("Conv2d", "VLLMKVCache", "FusedSDPA", "ModuleFusedSDPA",
@@ -183,6 +184,22 @@ class QuantConfig:
             if re.search(pattern, fqn):
                 return method
         return self.scale_method
+
+    def selects(self, role: str, type_names: str | Iterable[str], name: str) -> bool:
+        """Is module `name` selected by the allow/block lists for `role` ("linear", "experts", "kv_cache",
+        "attention")? `type_names`: what the `types` lists know it by (its class name, "Linear" too for a plain
+        linear, HQT's "KVCache" / "Matmul" / "Softmax"). HQT's rule: in the allowlist (types or names; an empty one
+        selects every supported module) and in neither blocklist list. Attention is opt-in (no speed or memory to
+        gain without FP8 matmul hardware): its type must be named in the allowlist's types. The one copy of the rule:
+        layers never read the config, they get this as a predicate from the caller."""
+        if role not in _ROLES:
+            raise ValueError(f"selects: role {role!r} is not one of {list(_ROLES)}")
+        types = (type_names,) if isinstance(type_names, str) else tuple(type_names)
+        if role == "attention":
+            allowed = any(t in self.allowlist.types for t in types)
+        else:
+            allowed = not self.allowlist.narrows() or any(self.allowlist.matches(t, name) for t in types)
+        return allowed and not any(self.blocklist.matches(t, name) for t in types)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

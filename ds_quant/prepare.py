@@ -9,7 +9,6 @@ from torch import nn
 
 from .config import Mode, QuantConfig, resolve_config
 from .errors import ConfigError
-from .layers import attention, kv_cache
 from .layers.experts import _TwinExperts
 from .layers.linear import Fp8Linear, _TwinLinear
 from .layers.patch import (
@@ -21,11 +20,11 @@ from .layers.patch import (
     skipped_tp_layers,
     swap,
 )
+from .layers.state import state_of
 from .log import current_rank, get_logger, rank0_progress, verbose
-from .workflows import hf_model
+from .workflows import hf_model, kv_attention
 from .workflows import load as fp8_load
 from .workflows.measure import (
-    CONFIG_ATTR,
     measured_experts_maker,
     measured_maker,
     save_at_exit,
@@ -58,13 +57,13 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
                               "checkpoints or quantize-on-load; drop it, or quantize the bf16 model in memory")
         model, report = fp8_load.load_pending(model, cfg)
         _log_outcome(model, cfg, report)
-        setattr(model, CONFIG_ATTR, cfg)
+        state_of(model, create=True).config = cfg
         return model
     hf_model.refuse_compressed(model)
     if any(isinstance(m, (_TwinLinear, _TwinExperts)) for m in model.modules()):
         raise RuntimeError("this model was already prepared by ds_quant; prepare the original model once")
-    targets = find(model, make_filter(cfg))
-    experts = find(model, make_experts_filter(cfg))
+    targets = find(model, make_filter(functools.partial(cfg.selects, "linear")))
+    experts = find(model, make_experts_filter(functools.partial(cfg.selects, "experts")))
     if cfg.mode is Mode.MEASURE:
         run = start_measure(cfg, model, targets)
         make, make_experts = measured_maker(cfg), measured_experts_maker(cfg)
@@ -78,11 +77,11 @@ def prep_model(model: nn.Module, config: QuantConfig | dict | str | os.PathLike 
     report += experts_report
     _log_outcome(model, cfg, report)
     load = functools.lru_cache(maxsize=1)(lambda: load_measurements(cfg, model))  # read once, if at all
-    kv_cache.install(model, cfg, load)
-    attention.install(model, cfg, load)
-    setattr(model, CONFIG_ATTR, cfg)
+    kv_attention.install(model, cfg, load)
+    state = state_of(model, create=True)
+    state.config = cfg
     if cfg.mode is Mode.MEASURE:
-        model._ds_quant_run = run
+        state.run = run
         save_at_exit(model)
     return model
 

@@ -13,6 +13,7 @@ sums on both ranks leaves the ratio unchanged). Every rank must run the same bat
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -102,7 +103,7 @@ def layer_sqnr(model: nn.Module, config: QuantConfig, batches: Iterable, forward
     """Each target linear's output SQNR (dB) against its FP8 twin fed the same input; also the layers'
     (kind, full out, full in) and the model's high-precision outputs per batch. The model is unchanged."""
     forward = forward or _call
-    targets = find(model, make_filter(config))
+    targets = find(model, make_filter(functools.partial(config.selects, "linear")))
     if not targets:
         raise ValueError("no layer to report on: the config's allow/block lists leave no supported linear")
     make = fp8_maker(config, targets)

@@ -22,13 +22,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import errors
 from .config import CLI_FLAG, ENV_VAR, QuantConfig
-from .errors import ConfigError, MeasurementError
+from .errors import DsQuantError, RankError
 from .hook import install
 from .layers.experts import Fp8Experts, MeasuredExperts
 from .layers.linear import Fp8Linear, MeasuredLinear
 from .layers.patch import format_skipped, skipped_tp_layers
+from .layers.state import state_of
 from .log import current_rank, get_logger
 from .parallel import dist
 from .workflows.measure import finish_measurements
@@ -43,7 +43,7 @@ _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE")
 DEFAULT_MASTER_PORT = "29500"
 
 
-class UsageError(ValueError):
+class UsageError(DsQuantError, ValueError):
     """Bad wrapper arguments; the message says what to fix."""
 
 
@@ -148,8 +148,8 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
 
     log, merged = get_logger(), []
     for model in models:
-        if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and not getattr(model, "_ds_quant_finished",
-                                                                                     False):
+        if any(isinstance(m, (MeasuredLinear, MeasuredExperts)) for m in model.modules()) and \
+                not getattr(state_of(model), "finished", False):
             if not dist.initialized():
                 log.warning("the script destroyed the process group before its measurements were saved; call "
                             "ds_quant.finish_measurements(model) before destroying it")
@@ -169,45 +169,40 @@ def _finish(models: list, config: QuantConfig, script: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    models: list = []
+    started = False  # the script is running: errors are reported per rank, by the logger
     try:
         p = plan(sys.argv[1:] if argv is None else argv, os.environ, os.getcwd())
         config = QuantConfig.from_json(p.config_path)  # a bad config fails here, in one line, before any work
-    except UsageError as e:
-        if str(e) == USAGE:  # -h / --help
+        if not os.path.isfile(p.script):
+            raise UsageError(f"script not found: {p.script}")
+        os.environ.update(p.env)
+        if needs_mpi_discovery(os.environ):
+            os.environ.update(discover_mpi(os.environ))
+        install(config, on_model=models.append)
+        sys.argv = list(p.argv)
+        sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
+        started = True
+        try:
+            runpy.run_path(p.script, run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise
+        _finish(models, config, p.script)
+    except DsQuantError as e:
+        # Ours, and self-explanatory: one line, no traceback; anything else keeps its traceback.
+        if isinstance(e, UsageError) and str(e) == USAGE:  # -h / --help
             print(USAGE)
             return 0
-        print(f"ds_quant.run: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"ds_quant.run: {e}", file=sys.stderr)
-        return 2
-    if not os.path.isfile(p.script):
-        print(f"ds_quant.run: script not found: {p.script}", file=sys.stderr)
-        return 2
-    os.environ.update(p.env)
-    if needs_mpi_discovery(os.environ):
-        os.environ.update(discover_mpi(os.environ))
-
-    models: list = []
-    install(config, on_model=models.append)
-    sys.argv = list(p.argv)
-    sys.path[0] = os.path.dirname(p.script)  # as `python your_script.py` would have it
-
-    try:
-        runpy.run_path(p.script, run_name="__main__")
-        _finish(models, config, p.script)
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise
-        _finish(models, config, p.script)
-    except (errors.RankError, MeasurementError, ConfigError) as e:
-        # Ours, and self-explanatory: one line per rank, no traceback. A RankError was agreed on by every rank
-        # (all stand at the same point), so the job can still end in order, with every rank's line printed.
-
+        if not started:  # nothing ran yet: the wrapper's own line
+            print(f"ds_quant: {e}", file=sys.stderr)
+            return 2
+        # One line per rank, naming it. A RankError was agreed on by every rank (all stand at the same point), so
+        # the job can still end in order, with every rank's line printed.
         get_logger().error(str(e))
-        if isinstance(e, errors.RankError):
+        if isinstance(e, RankError):
             dist.shutdown()
-        return 1
+        return 2
     dist.shutdown()
     return 0
 

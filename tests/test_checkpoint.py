@@ -484,6 +484,25 @@ def test_truncated_or_corrupt_folder_gives_one_error_naming_file_and_tensor(work
         Fp8Folder(bad)
 
 
+def test_wrapped_script_on_a_truncated_folder_ends_in_one_line(work, tmp_path):
+    """`python -m ds_quant.run` with a script that loads a truncated FP8 folder: the CheckpointError (raised inside
+    the user's from_pretrained) ends the run in one line naming the file, no traceback, a non-zero exit."""
+    w, cases = work
+    bad = _copy(w, "truncated_run")
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    (tmp_path / "q.json").write_text(json.dumps(cases["llama_hw"][1]))
+    script = tmp_path / "load.py"
+    script.write_text("import sys\nfrom transformers import AutoModelForCausalLM\n"
+                      "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n")
+    r = subprocess.run([sys.executable, "-m", "ds_quant.run", "--quant-config", str(tmp_path / "q.json"), str(script),
+                        str(bad)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    lines = [x for x in out.splitlines() if "model.safetensors" in x]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "not a readable safetensors file" in lines[0], out[-3000:]
+
+
 def test_bad_expert_tensors_give_one_error_naming_file_and_tensor(work, monkeypatch):
     """An FP8 folder whose expert linear has the wrong shape, is not FP8, lacks its weight_scale or (alone among
     its block) its input_scale; a bf16 source for quantize-on-load with a wrong expert shape: one line naming the
@@ -672,12 +691,21 @@ def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
         (w / f"{name}_qol.json").write_text(json.dumps({**cases[name][1], "quantize_on_load": True}))
         plan.append({**plan[[p["name"] for p in plan].index(name)], "name": f"{name}_qol",
                      "fp8": str(cases[name][0]), "load_config": str(w / f"{name}_qol.json")})
+    # rank 1 alone gets a folder of another model (its MLP shapes differ): every rank stops with the same one line
+    other = _copy(w, "other_model_rank1")
+    c = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**c, "intermediate_size": 256}))
+    plan.append({**plan[0], "name": "other_model_on_rank1", "fp8_rank1": str(other)})
     (w / "plan.json").write_text(json.dumps(plan))
     deepspeed(2, ROOT / "tests" / "scripts" / "fp8_checkpoint_tp.py", str(w / "plan.json"), str(w / "tp2"),
               cwd=w, timeout=600)
     for rank in (0, 1):
         res = json.loads((w / f"tp2_{rank}.json").read_text())
+        fault = res.pop("other_model_on_rank1")
         print(f"rank {rank} seconds per case:", {n: round(r["seconds"], 1) for n, r in res.items()})
+        assert fault["error"] == "RankError" and fault["message"] == (
+            "loading the FP8 checkpoint: rank 1: " + str(other) + ": layer 'model.layers.0.mlp.gate_proj' is "
+            "[352, 128] in the checkpoint, [256, 128] in the model; the checkpoint is for another model"), fault
         for name, r in res.items():
             assert r["equal"], (rank, name, r["max_abs_diff"])
             assert r["params_on_meta_before_init_inference"] > 0 and r["params_on_meta_after"] == 0

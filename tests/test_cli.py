@@ -1,5 +1,6 @@
 """`ds-quant merge | inspect | import-hqt | check-config`: exit codes, output and messages."""
 
+import inspect
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 import ds_quant
+from ds_quant import errors, run
 from ds_quant.cli import main
 from ds_quant.files import measurements as ms
 from ds_quant.files import shards as sf
@@ -70,6 +72,33 @@ def test_inspect_errors(prefix, capsys):
     assert "'maxabs_hwx' is not one of" in capsys.readouterr().err
     assert main(["inspect", prefix + "_nope.json"]) == 1
     assert "_nope.json: measurement file not found" in capsys.readouterr().err
+
+
+def test_every_error_of_ours_is_a_ds_quant_error_and_still_a_value_error():
+    """The faces catch DsQuantError once; users' `except ValueError` keeps catching what it caught before."""
+    ours = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert {c.__name__ for c in ours} >= {"DsQuantError", "ConfigError", "MeasurementError", "CheckpointError",
+                                          "RankError", "HessianError", "SmoothError"}
+    for cls in [*ours, run.UsageError]:
+        assert issubclass(cls, errors.DsQuantError), cls
+        assert cls is errors.DsQuantError or issubclass(cls, ValueError), cls
+    assert ds_quant.DsQuantError is errors.DsQuantError
+
+
+def test_any_error_of_ours_is_one_line_and_exit_1_in_every_command(tmp_path, capsys, monkeypatch):
+    """Caught once, in main: a command that raises an error of ours (here a CheckpointError from convert, which no
+    command caught by name before) prints `error: <message>` and exits 1, without a traceback."""
+    import ds_quant.cli as cli
+
+    def broken(*args, **kwargs):
+        raise errors.CheckpointError("bad/model.safetensors: truncated")
+
+    monkeypatch.setattr(cli, "convert", broken)
+    assert main(["convert", "in", "out", "--quant-config", "q.json"]) == 1
+    assert capsys.readouterr().err == "error: bad/model.safetensors: truncated\n"
+    monkeypatch.setattr(cli, "convert", lambda *a: (_ for _ in ()).throw(ValueError("not ours")))
+    with pytest.raises(ValueError, match="not ours"):  # anything else keeps its traceback
+        main(["convert", "in", "out", "--quant-config", "q.json"])
 
 
 def test_check_config_still_works(tmp_path, capsys):

@@ -150,6 +150,30 @@ def test_filter_matching():
     assert not f.matches("LinearLayer", "model.layers.3.self_attn.q_proj")
 
 
+def test_one_selection_rule_for_every_role():
+    """QuantConfig.selects is the one copy of HQT's allow/block rule (patch filters, convert, KV cache, attention)."""
+    def c(**lists):
+        return QuantConfig.from_dict({"method": "HOOKS", **lists})
+
+    q = "model.layers.0.self_attn.q_proj"
+    kv = "model.layers.0.self_attn.kv_cache"
+    qk = "model.layers.0.self_attn.matmul_qk"
+    assert c().selects("linear", {"Linear"}, q) and c().selects("kv_cache", "KVCache", kv)  # empty: all supported
+    assert not c().selects("attention", "Matmul", qk)  # attention is opt-in
+    assert c(allowlist={"types": ["Matmul"]}).selects("attention", "Matmul", qk)
+    assert c(allowlist={"types": ["Matmul"]}).selects("linear", {"Linear"}, q)  # Matmul alone narrows nothing else
+    assert not c(allowlist={"types": ["Matmul"]}).selects("attention", "Softmax", "model.layers.0.self_attn.softmax")
+    narrow = c(allowlist={"types": ["LinearAllreduce"], "names": [r"layers\.1\."]})
+    assert narrow.selects("linear", {"Linear", "LinearAllreduce"}, q)  # any of its type names
+    assert not narrow.selects("linear", {"Linear", "LinearLayer"}, q) and not narrow.selects("kv_cache", "KVCache", kv)
+    assert narrow.selects("kv_cache", "KVCache", "model.layers.1.self_attn.kv_cache")  # by name
+    blocked = c(allowlist={"types": ["Matmul"]}, blocklist={"names": ["layers\\.0\\."]})
+    assert not blocked.selects("linear", {"Linear"}, q) and not blocked.selects("attention", "Matmul", qk)
+    assert not c(blocklist={"types": ["MixtralExperts"]}).selects("experts", "MixtralExperts", "m.experts")
+    with pytest.raises(ValueError, match="role 'conv'"):
+        c().selects("conv", "Conv2d", "m")
+
+
 def test_check_config_cli(tmp_path, capsys):
     assert cli.main(["check-config", str(write(tmp_path, HQT_QUANT))]) == 0
     assert capsys.readouterr().out.strip() == "ok"

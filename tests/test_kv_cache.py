@@ -18,6 +18,7 @@ from ds_quant.files import measurements
 from ds_quant.layers import attention, kv_cache
 from ds_quant.numerics import kernels, ops
 from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows import kv_attention
 from tests.launcher import ROOT, deepspeed
 
 TF4 = ROOT / ".venv" / "transformers4"
@@ -50,7 +51,7 @@ PROMPTS = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_see
 ])
 def test_selection_follows_hqt_lists(tmp_path, lists, picked):
     model = tiny_llama()
-    plan = kv_cache.plan_for(model, cfg("MEASURE", tmp_path / "m", **lists))
+    plan = kv_attention.kv_plan(model, cfg("MEASURE", tmp_path / "m", **lists))
     assert (sorted(plan.names) if plan else []) == picked
     assert kv_cache.kv_names(model)[0] == "model.layers.0.self_attn.kv_cache"
 
@@ -150,8 +151,8 @@ def test_kv_records_merge_in_rank_order_and_scales_are_tp_invariant(tmp_path):
     assert '"kind": "kv"' in (tmp_path / "m.json").read_text()
     model = tiny_llama(layers=1, heads=4, kv_heads=4)
     config = cfg("QUANTIZE", tmp_path / "m", allowlist={"types": ["KVCache"]})
-    scales = kv_cache.plan_for(model, config, lambda: (doc, "m.json")).scales
-    one = kv_cache.plan_for(model, config, lambda: (whole, "whole")).scales
+    scales = kv_attention.kv_plan(model, config, lambda: (doc, "m.json")).scales
+    one = kv_attention.kv_plan(model, config, lambda: (whole, "whole")).scales
     assert scales == one and scales[0][0] == pytest.approx(float(k.abs().amax()) / (448 * 0.25), rel=1e-6)
 
 
@@ -162,11 +163,11 @@ def test_old_files_load_and_keep_the_bf16_cache_unless_kvcache_is_named(tmp_path
     measurements.load(tmp_path / "old.json")
     model = tiny_llama(layers=1)
     with caplog_ds.at_level(logging.INFO, logger="ds_quant"):
-        assert kv_cache.plan_for(model, cfg("QUANTIZE", tmp_path / "old"), lambda: (old, "old.json")) is None
+        assert kv_attention.kv_plan(model, cfg("QUANTIZE", tmp_path / "old"), lambda: (old, "old.json")) is None
     assert "KV cache stays in high precision: old.json has no KV-cache records" in caplog_ds.text
     with pytest.raises(MeasurementError, match="no KV-cache measurements for"):
-        kv_cache.plan_for(model, cfg("QUANTIZE", tmp_path / "old", allowlist={"types": ["KVCache"]}),
-                          lambda: (old, "old.json"))
+        kv_attention.kv_plan(model, cfg("QUANTIZE", tmp_path / "old", allowlist={"types": ["KVCache"]}),
+                             lambda: (old, "old.json"))
 
 
 def test_kv_record_validation(tmp_path):
@@ -251,6 +252,7 @@ KV_VARIANT_CHECK = r"""
 import torch
 from ds_quant.numerics import kernels, ops
 from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows import kv_attention
 from tests.test_kv_cache import attention_reference
 assert kernels.available()
 print("ISA", kernels.cpu_kernel().isa)

@@ -96,6 +96,23 @@ def test_measure_then_quantize_single_process(tmp_path):
     assert y.dtype is torch.bfloat16 and sqnr_db(ref.float(), y.float()) > 18
 
 
+def test_what_ds_quant_keeps_on_a_model_is_one_prepared_state(tmp_path):
+    """One attribute on the user's model (state_of reads it): config, MEASURE's run id, whether it finished."""
+    from ds_quant.layers.state import STATE_ATTR, state_of
+
+    assert state_of(tiny()) is None
+    measured = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE"))
+    state = state_of(measured)
+    assert state.config.mode.value == "MEASURE" and len(state.run) == 16 and not state.finished
+    calibrate(measured)
+    ds_quant.finish_measurements(measured)
+    assert state_of(measured).finished
+    ours = [k for k in vars(measured) if "ds_quant" in k]
+    assert ours == [STATE_ATTR], ours
+    quant = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="QUANTIZE"))
+    assert state_of(quant).config.mode.value == "QUANTIZE" and state_of(quant).run is None
+
+
 def test_allowlist_blocklist_by_type_and_regex(tmp_path):
     model = ds_quant.prep_model(tiny(), cfg(tmp_path, mode="MEASURE", allowlist={"names": [r"blocks\.\d+\.mlp"]},
                                             blocklist={"names": [r"down_proj$"]}))

@@ -39,18 +39,19 @@ whose attention does not go through the interface (they call torch.matmul inline
 from __future__ import annotations
 
 import inspect
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ATTENTION_TYPES, Mode, QuantConfig
+from ..config import ATTENTION_TYPES, Mode
 from ..errors import MeasurementError
 from ..files.measurements import ATTENTION_OPERANDS, attention_record
 from ..log import current_rank, get_logger
 from ..numerics import kernels, layer_spec
 from ..numerics.ops import dequantize_fp8
 from ..numerics.scales import Act, to_fp8_saturated
+from .state import state_of
 
 IMPL = "ds_quant_fp8"
 MATMUL_TYPE, SOFTMAX_TYPE = ATTENTION_TYPES
@@ -60,11 +61,6 @@ OPERANDS = ATTENTION_OPERANDS  # q, k, v, p (softmax output)
 KV_IMPL = "ds_quant_kv"  # the attention implementation that reads the FP8 KV cache directly
 _KV_FALLBACK_ATTR = "_ds_quant_kv_fallback"  # on each attention module: what ds_quant_kv runs where it cannot fuse
 _CALLS_ATTR = "_ds_quant_kv_calls"  # on each attention module: {"fused": n, "fallback": n}
-_KV_ATTR = "_ds_quant_kv_attention"  # on the model: the KV plan whose FP8 cache ds_quant_kv may read
-_ORIGINAL_ATTR = "_ds_quant_attn_original"  # on the model: the implementation it had before ds_quant
-
-KV_ATTENTION_ENV = "DS_QUANT_KV_ATTENTION"
-"""`0` / `1`: overrides the config key `kv_cache_attention` (decode attention straight from the FP8 KV cache)."""
 
 
 @dataclass
@@ -107,14 +103,6 @@ def site_names(attn: str) -> dict[str, tuple[str, str]]:
             "softmax": (SOFTMAX_TYPE, f"{attn}.softmax")}
 
 
-def selected(cfg: QuantConfig, type_name: str, name: str) -> bool:
-    return type_name in cfg.allowlist.types and not cfg.blocklist.matches(type_name, name)
-
-
-def enabled(cfg: QuantConfig) -> bool:
-    return any(t in cfg.allowlist.types for t in ATTENTION_TYPES)
-
-
 def attention_modules(model) -> dict[str, torch.nn.Module]:
     """The decoder's attention modules: modules with an integer `layer_idx` whose class name says attention."""
     return {fqn: m for fqn, m in model.named_modules()
@@ -139,10 +127,13 @@ def _text_config(model):
 
 
 # -- installing ---------------------------------------------------------------------------------------------------
-def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
-    """Mark the selected attention modules and route the model's attention through `ds_quant_fp8`. QUANTIZE:
-    `load()` -> (measurement document, its path). Returns {attention name: site} (empty: nothing to do)."""
-    if not enabled(cfg) or _text_config(model) is None:
+def install(model, mode: Mode, select: Callable[[str, str], bool], spec: Callable[[str], layer_spec.LayerSpec],
+            load=None) -> dict[str, AttentionSite]:
+    """Mark the selected attention modules and route the model's attention through `ds_quant_fp8`. The caller
+    resolves the config (workflows.kv_attention): `select(HQT type, site name)` says whether a matmul / softmax is
+    selected, `spec(attention name)` gives its LayerSpec. QUANTIZE: `load()` -> (measurement document, its path).
+    Returns {attention name: site} (empty: nothing to do), also kept in the model's PreparedState."""
+    if _text_config(model) is None:
         return {}
     log = get_logger()
     config = _text_config(model)
@@ -150,11 +141,11 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     covered = {cls: _uses_interface(cls) for cls in {type(m) for m in modules.values()}}  # source read once per class
     inline = sorted({cls.__name__ for cls, ok in covered.items() if not ok})
     if inline:
-        log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(inline)} (the model calls "
+        log.warning(f"{mode.value}: attention matmuls not covered in {', '.join(inline)} (the model calls "
                     "torch.matmul inline, not transformers' attention interface); they stay in high precision")
     special = sorted({type(m).__name__ for m in modules.values() if _has_extras(m, config)})
     if special:
-        log.warning(f"{cfg.mode.value}: attention matmuls not covered in {', '.join(special)} (attention sinks or "
+        log.warning(f"{mode.value}: attention matmuls not covered in {', '.join(special)} (attention sinks or "
                     "logit soft-capping, which ds_quant's attention does not implement); they stay in high precision")
         modules = {n: m for n, m in modules.items() if not _has_extras(m, config)}
     fallback = original_implementation(model)
@@ -162,25 +153,26 @@ def install(model, cfg: QuantConfig, load=None) -> dict[str, AttentionSite]:
     for name, m in modules.items():
         if not covered[type(m)]:
             continue
-        which = {k: selected(cfg, t, n) for k, (t, n) in site_names(name).items()}
+        which = {k: select(t, n) for k, (t, n) in site_names(name).items()}
         if any(which.values()):
-            specs[name] = spec = layer_spec.resolve(cfg, name, layer_spec.Kind.ATTENTION)
-            sites[name] = AttentionSite(name, cfg.mode, which["matmul_qk"], which["matmul_av"], which["softmax"],
-                                        fallback, spec.fp8_dtype, spec.fp8_max)
+            specs[name] = one = spec(name)
+            sites[name] = AttentionSite(name, mode, which["matmul_qk"], which["matmul_av"], which["softmax"],
+                                        fallback, one.fp8_dtype, one.fp8_max)
     if not sites:
         return {}
     dtype = next(iter(sites.values())).dtype
-    if cfg.mode is Mode.QUANTIZE:
+    if mode is Mode.QUANTIZE:
         _set_scales(sites, specs, load)
     for name, m in modules.items():
         if name in sites:
             setattr(m, _ATTR, sites[name])
+    state_of(model, create=True).attention = sites
     choose(model)
     if current_rank() == 0:
         ops = sorted({k for s in sites.values() for k in ("matmul_qk", "matmul_av", "softmax") if getattr(s, k)})
-        what = ("recording q/k/v/softmax max-abs" if cfg.mode is Mode.MEASURE
+        what = ("recording q/k/v/softmax max-abs" if mode is Mode.MEASURE
                 else f"{str(dtype).replace('torch.', '')} operands ({', '.join(ops)})")
-        log.info(f"{cfg.mode.value}: attention {what} in {len(sites)} layer(s) (attention implementation "
+        log.info(f"{mode.value}: attention {what} in {len(sites)} layer(s) (attention implementation "
                  f"'{IMPL}', in place of '{fallback}')")
     return sites
 
@@ -209,18 +201,11 @@ def _set_scales(sites: dict[str, AttentionSite], specs: dict[str, layer_spec.Lay
 def original_implementation(model) -> str:
     """The attention implementation the model had before ds_quant (recorded on first use, since `choose` changes the
     config). A config shared with a model prepared before already names one of ds_quant's: their original is sdpa."""
-    orig = getattr(model, _ORIGINAL_ATTR, None)
-    if orig is None:
+    state = state_of(model, create=True)
+    if state.original_attention is None:
         impl = getattr(_text_config(model), "_attn_implementation", None) or "eager"
-        orig = "sdpa" if impl in (IMPL, KV_IMPL) else impl
-        setattr(model, _ORIGINAL_ATTR, orig)
-    return orig
-
-
-def kv_attention_enabled(cfg: QuantConfig) -> bool:
-    """The config key `kv_cache_attention`, unless DS_QUANT_KV_ATTENTION overrides it."""
-    env = os.environ.get(KV_ATTENTION_ENV, "")
-    return env not in ("0", "false", "False") if env else cfg.kv_cache_attention
+        state.original_attention = "sdpa" if impl in (IMPL, KV_IMPL) else impl
+    return state.original_attention
 
 
 def use_fp8_cache(model, plan, enabled: bool = True) -> None:
@@ -228,7 +213,7 @@ def use_fp8_cache(model, plan, enabled: bool = True) -> None:
     directly if `enabled`. `choose` decides, and sets `plan.fused`."""
     plan.fused = False
     if enabled:
-        setattr(model, _KV_ATTR, plan)
+        state_of(model, create=True).kv_readable = plan
     choose(model)
 
 
@@ -247,7 +232,8 @@ def choose(model) -> str | None:
     if config is None:
         return None
     original = original_implementation(model)
-    plan = getattr(model, _KV_ATTR, None)
+    state = state_of(model)
+    plan = None if state is None else state.kv_readable
     fused = plan is not None and _reads_fp8_cache(model, original)
     if plan is not None:
         plan.fused = fused
@@ -292,7 +278,8 @@ def _register(name: str, fn, mask: str) -> None:
 
 
 def sites_of(model) -> dict[str, AttentionSite]:
-    return {n: getattr(m, _ATTR) for n, m in model.named_modules() if getattr(m, _ATTR, None) is not None}
+    state = state_of(model)
+    return {} if state is None else dict(state.attention)
 
 
 def records(model) -> dict[str, dict]:

@@ -36,11 +36,12 @@ layer (max over heads), so it is the same at every TP size.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import KV_CACHE_TYPES, Mode, QuantConfig
+from ..config import KV_CACHE_TYPES, Mode
 from ..errors import MeasurementError
 from ..files.measurements import kv_record
 from ..log import current_rank, get_logger
@@ -49,9 +50,9 @@ from ..numerics.ops import dequantize_fp8
 from ..numerics.scales import Act, amax_to_scale, to_fp8_saturated
 from . import attention
 from .attention import Fp8KVTensor, attention_modules
+from .state import state_of
 
 KV_TYPE = KV_CACHE_TYPES[0]  # HQT's type name; the allow/block lists select the KV cache by it
-_PLAN_ATTR = "_ds_quant_kv"
 
 
 # -- what to do, per layer ------------------------------------------------------------------------------------
@@ -105,15 +106,6 @@ def kv_names(model) -> dict[int, str]:
     return names
 
 
-def selected(cfg: QuantConfig, name: str) -> bool:
-    """HQT's rule, as for linears: in the allowlist (types or names; both empty = every supported type) and in
-    neither blocklist list."""
-    allow, block = cfg.allowlist, cfg.blocklist
-    if allow.narrows() and not allow.matches(KV_TYPE, name):
-        return False
-    return not block.matches(KV_TYPE, name)
-
-
 def _text_config(model):
     config = getattr(model, "config", None)
     return None if config is None else config.get_text_config(decoder=True)
@@ -123,22 +115,25 @@ def _supports_cache(model) -> bool:
     return hasattr(model, "_prepare_cache_for_generation") and _text_config(model) is not None
 
 
-def plan_for(model, cfg: QuantConfig, load=None) -> KVPlan | None:
-    """The plan for `model` under `cfg`, or None when the model has no KV cache ds_quant can swap or the config
-    selects none. QUANTIZE: `load()` -> (measurement document, its path), called only if static scales are needed."""
+def plan_for(model, mode: Mode, select: Callable[[str], bool], spec: Callable[[str], layer_spec.LayerSpec],
+             load=None, named: bool = False) -> KVPlan | None:
+    """The plan for `model`, or None when the model has no KV cache ds_quant can swap or `select` keeps none. The
+    caller resolves the config (workflows.kv_attention): `select(name)` says whether a layer's KV cache is selected,
+    `spec(name)` gives its LayerSpec, `named`: the allowlist names KVCache (then missing measurements are an error).
+    QUANTIZE: `load()` -> (measurement document, its path), called only if static scales are needed."""
     if not _supports_cache(model):
         return None
     text = _text_config(model)
     all_names = kv_names(model)
-    names = {i: n for i, n in all_names.items() if selected(cfg, n) and _full_attention(text, i)}
+    names = {i: n for i, n in all_names.items() if select(n) and _full_attention(text, i)}
     if not names:
         return None
     heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    specs = {n: layer_spec.resolve(cfg, n, "kv_cache") for n in names.values()}
+    specs = {n: spec(n) for n in names.values()}
     first = next(iter(specs.values()))  # dtype, device profile and backoff are the same for every KV layer
-    plan = KVPlan(cfg.mode, names, heads, first.fp8_dtype, first.fp8_max, first.input_backoff)
-    if cfg.mode is Mode.QUANTIZE:
-        plan.scales, plan.source = _scales(plan, specs, cfg, load)
+    plan = KVPlan(mode, names, heads, first.fp8_dtype, first.fp8_max, first.input_backoff)
+    if mode is Mode.QUANTIZE:
+        plan.scales, plan.source = _scales(plan, specs, load, named)
         if plan.scales is None:
             return None
     return plan
@@ -149,7 +144,7 @@ def _full_attention(text, idx: int) -> bool:
     return types is None or idx >= len(types) or types[idx] == "full_attention"
 
 
-def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], cfg: QuantConfig, load):
+def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], load, named: bool):
     """({idx: (k_scale, v_scale)}, source) from the measurements' kv records; (None, source) keeps the bf16 cache
     (a file without kv records, e.g. calibrated by forward calls only, and a config that does not name KVCache)."""
     out, missing = {}, []
@@ -170,7 +165,7 @@ def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], cfg: QuantConf
                 raise MeasurementError(f"{where}: {name}: measured {len(rec['key_head_amax'])} KV heads, the model "
                                        f"has {plan.model_heads}; measure this model")
             out[idx] = tuple(float(specs[name].input_scale(max(rec[k]))) for k in ("key_head_amax", "value_head_amax"))
-    if missing and KV_TYPE in cfg.allowlist.types:
+    if missing and named:
         raise MeasurementError(f"{where}: no KV-cache measurements for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
                                "; run MEASURE with this config and a script that calls model.generate()")
     if missing and len(missing) == len(plan.names):
@@ -183,12 +178,13 @@ def _scales(plan: KVPlan, specs: dict[str, layer_spec.LayerSpec], cfg: QuantConf
 
 
 # -- installing it into generate() ------------------------------------------------------------------------------
-def install(model, cfg: QuantConfig, load=None) -> KVPlan | None:
-    """Make `model.generate()` use ds_quant's KV-cache layers by default (see the module docstring)."""
-    plan = plan_for(model, cfg, load)
+def install(model, plan: KVPlan | None, read_directly: bool = True) -> KVPlan | None:
+    """Make `model.generate()` use the KV-cache layers of `plan` (`plan_for`) by default (see the module docstring);
+    the plan is kept in the model's PreparedState. `read_directly` (config `kv_cache_attention`): decode attention
+    may read the FP8 cache without de-quantizing it (`attention.choose` decides where it can)."""
     if plan is None:
         return None
-    setattr(model, _PLAN_ATTR, plan)
+    state_of(model, create=True).kv = plan
     original = model._prepare_cache_for_generation
 
     @functools.wraps(original)
@@ -203,7 +199,7 @@ def install(model, cfg: QuantConfig, load=None) -> KVPlan | None:
 
     model._prepare_cache_for_generation = prepare_cache
     if plan.mode is Mode.QUANTIZE:  # attention.choose decides plan.fused, with what else ds_quant installed
-        attention.use_fp8_cache(model, plan, attention.kv_attention_enabled(cfg))
+        attention.use_fp8_cache(model, plan, read_directly)
     if current_rank() == 0:
         what = (f"recording KV-cache max-abs per head in {len(plan.names)} layer(s)" if plan.mode is Mode.MEASURE
                 else f"KV cache in {str(plan.dtype).replace('torch.', '')} in {len(plan.names)} layer(s)"
@@ -234,7 +230,7 @@ def swap_layers(cache, plan: KVPlan):
 
 def make_kv_cache(model):
     """A fresh cache with ds_quant's layers for a prepared model (pass it as `past_key_values=` / `cache=`)."""
-    plan: KVPlan | None = getattr(model, _PLAN_ATTR, None)
+    plan = plan_of(model)
     if plan is None:
         raise RuntimeError("make_kv_cache: this model has no ds_quant KV cache (not prepared, or the config selects "
                            "no KVCache)")
@@ -244,7 +240,8 @@ def make_kv_cache(model):
 
 
 def plan_of(model) -> KVPlan | None:
-    return getattr(model, _PLAN_ATTR, None)
+    state = state_of(model)
+    return None if state is None else state.kv
 
 
 # -- measurements ------------------------------------------------------------------------------------------------

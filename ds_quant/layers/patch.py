@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import QuantConfig
 from ..parallel.tp import PLAIN, TPLayout, spec_of, unhandled_tp_reason
 from .experts import (
     _TwinExperts,
@@ -18,6 +17,9 @@ from .experts import (
 from .linear import _TwinLinear
 
 Filter = Callable[[nn.Module, str], bool]
+# (the type names the allow/block lists know a module by, its name) -> selected? Built by the caller from the config
+# (`functools.partial(cfg.selects, "linear")`): layers never read the config.
+Selects = Callable[[set[str], str], bool]
 
 
 @dataclass(frozen=True)
@@ -28,32 +30,24 @@ class Swapped:
     gemm: str = ""  # FP8 twins: which backend of ds_quant.ops serves them, per M
 
 
-def make_filter(config: QuantConfig) -> Filter:
-    """Supported linears, in the allowlist (empty = all), not in the blocklist."""
+def make_filter(selects: Selects) -> Filter:
+    """Supported linears that `selects` (the caller's allow/block rule: `QuantConfig.selects` for "linear") keeps."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
         spec = spec_of(module)
         if spec is None:
             return False
         # A checked nn.Linear subclass (FalconLinear) is also a "Linear" to the type lists.
-        names = {type(module).__name__} | ({"Linear"} if spec is PLAIN else set())
-        if config.allowlist.narrows() and not any(config.allowlist.matches(t, fqn) for t in names):
-            return False
-        return not any(config.blocklist.matches(t, fqn) for t in names)
+        return selects({type(module).__name__} | ({"Linear"} if spec is PLAIN else set()), fqn)
 
     return keep
 
 
-def make_experts_filter(config: QuantConfig) -> Filter:
-    """Fused MoE experts (experts.py), by the same allow/block lists (their class name, e.g. MixtralExperts)."""
+def make_experts_filter(selects: Selects) -> Filter:
+    """Fused MoE experts (experts.py) that `selects` keeps, by their class name (e.g. MixtralExperts)."""
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if not is_fused_experts(module):
-            return False
-        type_name = type(module).__name__
-        if config.allowlist.narrows() and not config.allowlist.matches(type_name, fqn):
-            return False
-        return not config.blocklist.matches(type_name, fqn)
+        return is_fused_experts(module) and selects({type(module).__name__}, fqn)
 
     return keep
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..errors import ConfigError, RankError
+from ..errors import DsQuantError, RankError
 from ..log import current_rank
 from . import dist
 
@@ -140,7 +140,7 @@ def agree(fn: Callable[[], T], group=None, what: str = "") -> T:
 def _one_line(e: BaseException) -> str:
     """Our errors are self-explanatory; anything else keeps its type name."""
     msg = str(e)
-    if isinstance(e, RankError) or type(e).__name__ == "MeasurementError" or isinstance(e, ConfigError):
+    if isinstance(e, DsQuantError):
         return msg
     return f"{type(e).__name__}: {msg}"
 

@@ -10,6 +10,7 @@ few of the largest source tensors; the FP8 model is never all in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -201,7 +202,7 @@ class _ExpertsWriter:
         except CheckpointError as e:
             raise CheckpointError(str(e).replace("convert again", "save the model again")) from None
         file_name = {m: f for m, f in self.source.file_key.items()}
-        keep = make_experts_filter(cfg)
+        keep = make_experts_filter(functools.partial(cfg.selects, "experts"))
         for fqn, layout in layouts.items():
             parent = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model
             for child_name, child in parent.named_children():  # the router: one output per expert, high precision

@@ -16,10 +16,8 @@ from ..files.checkpoint import Fp8Folder, is_fp8_folder
 from ..files.safetensors import SafetensorsFolder, fresh_tensor
 from ..layers.experts import is_fused_experts
 from ..layers.patch import routers
+from ..layers.state import state_of
 from ..log import get_logger
-
-PENDING_ATTR = "_ds_quant_fp8_pending"
-
 
 _PATCHED = "__ds_quant_fp8_from_pretrained__"
 
@@ -45,7 +43,8 @@ def quantize_on_load(cfg) -> bool:
 
 
 def pending(model: nn.Module) -> Pending | None:
-    return getattr(model, PENDING_ATTR, None)
+    state = state_of(model)
+    return None if state is None else state.pending
 
 
 # -- from_pretrained on meta ---------------------------------------------------------------------------------
@@ -106,8 +105,8 @@ def build_on_meta(cls, path, kwargs: dict, quantize: bool = False) -> nn.Module:
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     except OSError:
         pass
-    setattr(model, PENDING_ATTR, Pending(str(path), {n: b.detach().clone() for n, b in model.named_buffers()},
-                                     quantize))
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    state_of(model, create=True).pending = Pending(str(path), buffers, quantize)
     what = "bf16 checkpoint, quantize-on-load" if quantize else f"FP8 checkpoint ({len(folder.layers)} FP8 linears)"
     get_logger().info(f"{path}: {what}, model built on meta; each rank reads its slices at init_inference")
     return model

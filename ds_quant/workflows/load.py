@@ -29,18 +29,18 @@ from ..layers.experts import (
 )
 from ..layers.linear import Fp8Linear, _TwinLinear
 from ..layers.patch import find, make_experts_filter, make_filter, swap
+from ..layers.state import state_of
 from ..log import get_logger, rank0_progress
 from ..numerics import layer_spec
+from ..parallel import dist
 from ..parallel.tp import PLAIN, Kind, TPLayout, spec_of
 from .hf_model import (
-    PENDING_ATTR,
     ExpertLayout,
     Pending,
     check_expert_parts,
     expert_layouts,
     fused_hp,
     key_renamer,
-    pending,
     read_expert_hp,
 )
 from .quantize import QuantizingFolder
@@ -49,9 +49,10 @@ from .quantize import QuantizingFolder
 # -- after AutoTP: read this rank's slices --------------------------------------------------------------------
 def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
     """Fill a pending model from its folder; returns (model, swap report). Ranks agree on errors."""
-    p = pending(model)
-    error = None
-    try:
+    state = state_of(model)
+    p = state.pending
+
+    def check():
         layouts = expert_layouts(model)
         if p.quantize:
             folder, experts = _quantizing_folder(model, p, cfg, layouts)
@@ -64,17 +65,20 @@ def load_pending(model: nn.Module, cfg) -> tuple[nn.Module, list]:
         parts = {name for fqn, _ in experts if fqn in layouts and not p.quantize
                  for _, _, name, _ in layouts[fqn].all_parts()}
         _check_covered(model, folder, {fqn for fqn, _ in targets} | parts)
+        # each linear's piece of the folder's weight, checked against the model's shape before any rank swaps
+        local = {fqn: _local(m, fqn, folder.layers[fqn].shape, folder.path) for fqn, m in targets}
         for fqn, layout in layouts.items():  # blocks left in high precision, assembled by _fill_rest
             if fqn not in {f for f, _ in experts} and layout.stored_per_expert(folder):
                 check_expert_parts(folder, layout, fp8=False)
-    except ValueError as e:  # CheckpointError, MeasurementError, ConfigError
-        error = e
-    _agree(error)
-    model, report = swap(model, targets, functools.partial(_fp8_twin, folder),
+        return layouts, folder, experts, make_experts, targets, local
+
+    # Every rank checks its part of the folder before any swaps: one rank's failure is every rank's one line.
+    layouts, folder, experts, make_experts, targets, local = dist.agree(check, what="loading the FP8 checkpoint")
+    model, report = swap(model, targets, functools.partial(_fp8_twin, folder, local),
                          progress=lambda items: rank0_progress(items, "ds_quant load FP8", unit="layer", min_items=8))
     model, experts_report = swap(model, experts, make_experts)
     _fill_rest(model, folder, p, layouts)
-    delattr(model, PENDING_ATTR)
+    state.pending = None
     return model, report + experts_report
 
 
@@ -95,8 +99,8 @@ def _fp8_experts(model: nn.Module, folder: Fp8Folder, layouts: dict) -> tuple[li
 def _quantizing_folder(model: nn.Module, p: Pending, cfg, layouts: dict):
     """Quantize-on-load: the linears and fused-experts blocks in-memory QUANTIZE would swap (the same filters, on
     the TP layers; experts are whole on every rank)."""
-    targets = find(model, make_filter(cfg))
-    experts = find(model, make_experts_filter(cfg))
+    targets = find(model, make_filter(functools.partial(cfg.selects, "linear")))
+    experts = find(model, make_experts_filter(functools.partial(cfg.selects, "experts")))
     wanted = {fqn: TPLayout.of(m).full_shape(*m.weight.shape) if spec_of(m) is not PLAIN else tuple(m.weight.shape)
               for fqn, m in targets}
     records = {}
@@ -180,9 +184,10 @@ def _device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "meta" else t.device
 
 
-def _fp8_twin(folder: Fp8Folder, module: nn.Module, fqn: str) -> nn.Module:
+def _fp8_twin(folder: Fp8Folder, local: dict, module: nn.Module, fqn: str) -> nn.Module:
+    """`local`: {fqn: `_local(...)`}, found (and checked) by every rank before any swap."""
     info = folder.layers[fqn]
-    layout, rows, cols = _local(module, fqn, info.shape, folder.path)
+    layout, rows, cols = local[fqn]
     dev, dtype = _device(module.weight), module.weight.dtype
     # a whole weight (TP=1, or a layer AutoTP left whole) is file-backed, as HF maps bf16 weights: no copy at load,
     # pages resident as they are used, shared with other processes through the page cache; slices are read (pread)
@@ -235,19 +240,6 @@ def _fill_rest(model: nn.Module, folder: Fp8Folder, p: Pending, layouts: dict) -
             m = model.get_submodule(owner)
             m._buffers[bname] = (folder.read(name) if folder.has(name) else saved).to(_device(buffers[name]),
                                                                                         buffers[name].dtype)
-
-
-def _agree(error: Exception | None) -> None:
-    """Every rank raises when any rank failed (no rank is left waiting in a collective)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([0 if error is None else dist.get_rank() + 1])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if error is None and int(flag) > 0:
-            raise CheckpointError(f"loading the FP8 checkpoint failed on rank {int(flag) - 1} (see its error)")
-    if error is not None:
-        raise error
 
 
 def _expert_scales(folder: Fp8Folder, layout: ExpertLayout) -> dict:

@@ -16,19 +16,19 @@ from ..layers import attention, kv_cache
 from ..layers.experts import MeasuredExperts
 from ..layers.linear import MeasuredLinear
 from ..layers.patch import model_tp, tp_position
+from ..layers.state import state_of
 from ..log import current_rank, get_logger
 from ..numerics import layer_spec
 from ..parallel import dist
 from ..parallel.dist import talk_group
 from ..parallel.tp import TPLayout
 
-CONFIG_ATTR = "_ds_quant_config"
-
 
 def finish_measurements(model: nn.Module) -> str | None:
     """Write this rank's shard and, on TP rank 0, the merged model-level file. Collective over the TP
     group: every rank must call it. Returns the merged file's path on rank 0."""
-    cfg: QuantConfig | None = getattr(model, CONFIG_ATTR, None)
+    state = state_of(model)
+    cfg: QuantConfig | None = None if state is None else state.config
     measured = {n: m for n, m in model.named_modules() if isinstance(m, MeasuredLinear)}
     measured_experts = [m for m in model.modules() if isinstance(m, MeasuredExperts)]
     kv, attn = kv_cache.records(model), attention.records(model)
@@ -53,7 +53,7 @@ def finish_measurements(model: nn.Module) -> str | None:
     with_h = {n: (m.hessian.hessian, m.hessian.tokens) for n, m in measured.items()
               if m.hessian is not None and m.hessian.keep}
     if any(m.hessian is not None for m in measured.values()):
-        run = getattr(model, "_ds_quant_run", None)
+        run = state.run
         hpath = dist.agree(lambda: hessians.write(cfg.dump_stats_path, with_h, run) if rank == 0 else None,
                            talk_group(group, world), what="MEASURE: writing the Hessians (gptq)")
         if hpath:
@@ -62,14 +62,14 @@ def finish_measurements(model: nn.Module) -> str | None:
              + (f" and merged {out} ({len(layers)} layers" + (f", {len(kv)} KV caches)" if kv else ")") if out else ""))
     dump = next((m.dump for m in measured.values() if m.dump is not None), None)
     if dump is not None:
-        run = getattr(model, "_ds_quant_run", None)
+        run = state.run
         path = dist.agree(lambda: dump.write(cfg.dump_stats_path, rank, world, run), talk_group(group, world),
                           what="MEASURE: writing this rank's tensor dump")
         log.info(f"wrote {path} ({len(dump.tensors)} tensors, {dump.saved_bytes / 2**20:.2f} MiB)")
     if cfg.dump_stats_xlsx_path and out:
         log.info(f"wrote statistics workbook {write_from_files(cfg.dump_stats_xlsx_path, out, cfg)}")
     dist.barrier(talk_group(group, world))  # no rank exits (and gets the job killed) while rank 0 is still writing
-    model._ds_quant_finished = True
+    state.finished = True
     return out
 
 
@@ -77,7 +77,7 @@ def _save(model: nn.Module, layers: dict, cfg: QuantConfig, rank: int, world: in
           kv: dict | None = None, attn: dict | None = None) -> str | None:
     """Every rank writes its shard; the shards are gathered (no shared filesystem needed) and TP rank 0 writes
     the merged file. Errors agree: every rank raises the same one."""
-    prefix, run = cfg.dump_stats_path, getattr(model, "_ds_quant_run", None)
+    prefix, run = cfg.dump_stats_path, state_of(model).run
     g = talk_group(group, world)
     shard = dist.agree(lambda: shards.write_shard(layers, prefix, rank, world, cfg.observer.value, dtype, run,
                                                                 kv, attn),
@@ -134,7 +134,7 @@ def save_at_exit(model: nn.Module) -> None:
 
     def finish() -> None:
         m = ref()
-        if m is None or getattr(m, "_ds_quant_finished", False):
+        if m is None or getattr(state_of(m), "finished", False):
             return  # the script saved them itself
         measured = [x for x in m.modules() if isinstance(x, MeasuredLinear)]
         if not measured and not any(isinstance(x, MeasuredExperts) for x in m.modules()) and \

@@ -109,10 +109,8 @@ _KIND_TYPE = {"column": "LinearLayer", "row": "LinearAllreduce", "lm-head": "LmH
 
 
 def selected_by_lists(cfg: QuantConfig, fqn: str, kind: str | None) -> bool:
-    names = {"Linear"} | ({_KIND_TYPE[kind]} if kind in _KIND_TYPE else set())
-    if cfg.allowlist.narrows() and not any(cfg.allowlist.matches(t, fqn) for t in names):
-        return False
-    return not any(cfg.blocklist.matches(t, fqn) for t in names)
+    """A linear known only by its measured record (no module at hand), selected as `make_filter` would the module."""
+    return cfg.selects("linear", {"Linear"} | ({_KIND_TYPE[kind]} if kind in _KIND_TYPE else set()), fqn)
 
 
 def quantize_linear(name: str, w_hp: torch.Tensor, spec: layer_spec.LayerSpec, record: dict | None,

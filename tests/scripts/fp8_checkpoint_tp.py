@@ -6,6 +6,8 @@ fused-experts block's type, dtypes and shapes (and whether its tensors are bitwi
 
 A case with a "load_config" loads its "fp8" entry under that config instead: one with "quantize_on_load": true,
 its "fp8" entry then a bf16 folder, quantized as each rank reads its slices.
+A case with "fp8_rank1" loads that folder on rank 1 instead (a fault only one rank sees) and records the error every
+rank raises: {"error": class name, "message": ...}.
 
 Usage: fp8_checkpoint_tp.py PLAN OUT_PREFIX [--local_rank N]"""
 
@@ -51,6 +53,13 @@ results, references = {}, {}
 for case in plan:
     start = time.perf_counter()
     ds_quant.install(case["config"])
+    if "fp8_rank1" in case:
+        try:
+            load(case["fp8_rank1"] if rank == 1 else case["fp8"])
+            results[case["name"]] = {"equal": False, "error": None}
+        except Exception as e:  # noqa: BLE001 - recorded for the test to check
+            results[case["name"]] = {"equal": False, "error": type(e).__name__, "message": str(e)}
+        continue
     key = (case["bf16"], case["config"])  # in-memory QUANTIZE once per model and config
     if key not in references:
         ref_model, ref_logits, _ = load(case["bf16"])
