@@ -16,6 +16,7 @@ from ds_quant.layers import attention, kv_cache
 from ds_quant.layers.linear import Fp8Linear
 from ds_quant.numerics import kernels
 from ds_quant.numerics.scales import sqnr_db
+from ds_quant.workflows import kv_attention
 from ds_quant.workflows.quantize import load_measurements
 
 
@@ -141,8 +142,8 @@ def test_generate_with_fp8_attention_and_fp8_kv_cache(tmp_path):
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: ds_quant_kv needs the CPU kernels")
 def test_fp8_attention_and_fp8_cache_get_the_same_implementation_in_either_install_order(tmp_path):
-    """attention.choose decides from what was installed, not from the order of kv_cache.install and
-    attention.install: FP8 attention in layer 0 (layer 1's matmuls blocked) and the FP8 KV cache give the config
+    """attention.choose decides from what was installed, not from the order the KV cache and attention are
+    installed in: FP8 attention in layer 0 (layer 1's matmuls blocked) and the FP8 KV cache give the config
     `ds_quant_fp8` either way, and every module's fallback `ds_quant_kv`, so layer 1 decodes from the FP8 bytes."""
     model = ds_quant.prep_model(tiny_llama(), cfg("MEASURE", tmp_path / "m", allowlist={"types": ["Matmul"]}))
     with torch.no_grad():
@@ -151,7 +152,8 @@ def test_fp8_attention_and_fp8_cache_get_the_same_implementation_in_either_insta
     c = cfg("QUANTIZE", tmp_path / "m", allowlist={"types": ["Matmul"]},
             blocklist={"names": ["model.layers.1.self_attn.matmul_qk", "model.layers.1.self_attn.matmul_av"]})
     chosen = []
-    for order in ((kv_cache.install, attention.install), (attention.install, kv_cache.install)):
+    for order in ((kv_attention.install_kv_cache, kv_attention.install_attention),
+                  (kv_attention.install_attention, kv_attention.install_kv_cache)):
         m = tiny_llama()
         for install in order:
             install(m, c, lambda m=m: load_measurements(c, m))

@@ -321,16 +321,16 @@ def test_decode_reads_the_fp8_cache_directly_and_falls_back_where_it_cannot(tmp_
     with torch.no_grad():
         measured.generate(PROMPTS, max_new_tokens=4, do_sample=False)
     ds_quant.finish_measurements(measured)
-    monkeypatch.delenv(attention.KV_ATTENTION_ENV, raising=False)
+    monkeypatch.delenv(kv_attention.KV_ATTENTION_ENV, raising=False)
     plain = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", kv_cache_attention=False, **lists))
     assert plain.config._attn_implementation == "sdpa" and not kv_cache.plan_of(plain).fused
     fused = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", **lists))  # the default: true
     assert fused.config._attn_implementation == "ds_quant_kv" and kv_cache.plan_of(fused).fused
     for env, key, want in (("0", True, "sdpa"), ("1", False, "ds_quant_kv")):  # the env var overrides the key
-        monkeypatch.setenv(attention.KV_ATTENTION_ENV, env)
+        monkeypatch.setenv(kv_attention.KV_ATTENTION_ENV, env)
         other = ds_quant.prep_model(tiny_llama(), cfg("QUANTIZE", tmp_path / "m", kv_cache_attention=key, **lists))
         assert other.config._attn_implementation == want and kv_cache.plan_of(other).fused == (want != "sdpa")
-    monkeypatch.delenv(attention.KV_ATTENTION_ENV)
+    monkeypatch.delenv(kv_attention.KV_ATTENTION_ENV)
     out = {}
     with torch.no_grad():
         for name, model in (("plain", plain), ("fused", fused)):

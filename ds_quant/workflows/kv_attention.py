@@ -32,8 +32,17 @@ def kv_plan(model, cfg: QuantConfig, load=None) -> kv_cache.KVPlan | None:
 
 
 def install(model, cfg: QuantConfig, load=None) -> None:
-    """Install the selected FP8 / measured KV cache and attention into `model` (both kept in its PreparedState)."""
+    """Install the selected FP8 / measured KV cache and attention into `model` (both kept in its PreparedState; the
+    attention implementation the model gets does not depend on the order: `attention.choose`)."""
+    install_kv_cache(model, cfg, load)
+    install_attention(model, cfg, load)
+
+
+def install_kv_cache(model, cfg: QuantConfig, load=None) -> None:
     kv_cache.install(model, kv_plan(model, cfg, load), kv_attention_enabled(cfg))
+
+
+def install_attention(model, cfg: QuantConfig, load=None) -> None:
     # Attention is opt-in: unless the allowlist names one of its types, nothing is looked at (or logged).
     if any(t in cfg.allowlist.types for t in ATTENTION_TYPES):
         attention.install(model, cfg.mode, functools.partial(cfg.selects, "attention"),
