@@ -7,8 +7,6 @@ no directories and reads no ranks.
 
 from __future__ import annotations
 
-import difflib
-import enum
 import json
 import math
 import os
@@ -19,133 +17,39 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .parallel.tp import SUPPORTED_TYPE_NAMES, UNSUPPORTED_TYPE_REASONS
-
-ENV_VAR = "QUANT_CONFIG"
-CLI_FLAG = "--quant-config"
-
-
-class _CaseInsensitiveEnum(str, enum.Enum):
-    @classmethod
-    def parse(cls, value: Any, key: str, source: str) -> _CaseInsensitiveEnum:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value.lower() == value.strip().lower():
-                    return member
-        accepted = ", ".join(m.value for m in cls)
-        by_lower = {m.value.lower(): m.value for m in cls}
-        match = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
-        hint = f" (did you mean '{by_lower[match[0]]}'?)" if match else ""
-        raise ConfigError(f"{source}: key '{key}': {value!r} is not one of: {accepted}{hint}")
-
-
-class Mode(_CaseInsensitiveEnum):
-    MEASURE = "MEASURE"
-    QUANTIZE = "QUANTIZE"
-
-
-class Observer(_CaseInsensitiveEnum):
-    MAXABS = "maxabs"
-    SAVE = "save"  # maxabs statistics, plus the measured layers' inputs and outputs dumped (tensor_dump.py)
-
-
-class ScaleMethod(_CaseInsensitiveEnum):
-    UNIT_SCALE = "unit_scale"
-    MAXABS_HW = "maxabs_hw"
-    MAXABS_POW2 = "maxabs_pow2"
-    MAXABS_ARBITRARY = "maxabs_arbitrary"
-    MAXABS_HW_OPT_WEIGHT = "maxabs_hw_opt_weight"
-    MAXABS_POW2_OPT_WEIGHT = "maxabs_pow2_opt_weight"
-    ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2 = "act_maxabs_hw_weights_pcs_maxabs_pow2"
-    ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2 = "act_maxabs_hw_weights_pcs_opt_pow2"
-    ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2 = "act_maxabs_pow2_weights_pcs_maxabs_pow2"
-    ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2 = "act_maxabs_pow2_weights_pcs_opt_pow2"
-    # Beyond HQT: activation scales per token at run time (no measurements needed), weights per channel.
-    ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS = "act_dynamic_per_token_weights_pcs"
-
-
-class DeviceForScales(_CaseInsensitiveEnum):
-    CUDA = "cuda"
-    GAUDI2 = "gaudi2"
-    GAUDI3 = "gaudi3"
-
-
-class ActScope(_CaseInsensitiveEnum):
-    GLOBAL = "global"  # one input scale per layer, whatever the TP size (TP-invariant)
-    RANK = "rank"  # each rank's scale from the channel statistics of its own input slice
-
-
-class MeasureExclude(_CaseInsensitiveEnum):
-    NONE = "NONE"
-    OUTPUT = "OUTPUT"
-    INPUT = "INPUT"
-    PARAMS = "PARAMS"
-    ALL = "ALL"
-
-
-class Fp8Format(_CaseInsensitiveEnum):
-    E4M3 = "E4M3"
-    E5M2 = "E5M2"
-
-
-# HQT values we recognise but do not implement: rejected with a specific reason, not "unknown".
-_HQT_ONLY_VALUES = {
-    "mode": {"NONE": "nothing to do; drop the config", "SHAPE": "shape dumps are Gaudi-only",
-             "LOAD": "use QUANTIZE with the merged measurement file"},
-    "scale_method": {m: "SmoothQuant is not supported; use a maxabs or pcs method"
-                     for m in ("smoothquant_weights_output_channel_maxabs_pow2",
-                               "weaksmoothquant_weights_output_channel_maxabs_pow2", "smoothquant_opt")},
-}
-
-# Module types ds_quant patches (class names, as HQT's `types` lists name them): from tp.py's table.
-# Fused MoE experts are matched by layout (experts.py); these are the names the type lists may use for them.
-EXPERTS_TYPES = ("MixtralExperts", "Qwen3MoeExperts")
-# HQT's KV-cache type: the FP8 KV cache (kv_cache.py), selected like a module type, matched per layer by name
-# `{attention module}.kv_cache`; an empty allowlist (types and names) selects it too, as in HQT.
-KV_CACHE_TYPES = ("KVCache",)
-# HQT's attention types (attention.py): opt-in, by naming them in the allowlist's types; naming them there does not
-# narrow the allowlist for the other types.
-ATTENTION_TYPES = ("Matmul", "Softmax")
-_ROLES = ("linear", "experts", "kv_cache", "attention")  # QuantConfig.selects
-SUPPORTED_TYPES = SUPPORTED_TYPE_NAMES + EXPERTS_TYPES + KV_CACHE_TYPES + ATTENTION_TYPES
-# Types HQT knows that we never patch: harmless in a blocklist, an error in an allowlist.
-HQT_OTHER_TYPES = ("Conv2d", "VLLMKVCache", "FusedSDPA", "ModuleFusedSDPA",
-                   "LoRACompatibleLinear", "LoRACompatibleConv", "ScopedLinearAllReduce",
-                   "MoeMatmul", "FusedMoE", "ReplicatedLinear", "RowParallelLinear", "ColumnParallelLinear",
-                   "MergedColumnParallelLinear", "QKVParallelLinear", "GaudiMixtralSparseMoeBlock",
-                   "DynamicMoeRuntimeDequantFusedMoE", "EmbeddingBag", "Embedding") + tuple(UNSUPPORTED_TYPE_REASONS)
-
-
-@dataclass(frozen=True)
-class ModuleFilter:
-    """`{"types": [...], "names": [...]}`: class names, and regexes searched in the module's name."""
-    types: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
-
-    def is_empty(self) -> bool:
-        return not self.types and not self.names
-
-    def narrows(self) -> bool:
-        """As an allowlist: does it narrow the modules patched? Empty, or naming only the opt-in attention types
-        (`Matmul`, `Softmax`), it selects every supported module, as HQT's empty allowlist does."""
-        return bool(self.names) or any(t not in ATTENTION_TYPES for t in self.types)
-
-    def matches(self, module_type_name: str, fqn: str) -> bool:
-        return module_type_name in self.types or any(re.search(p, fqn) for p in self.names)
-
-
-@dataclass(frozen=True)
-class GptqParams:
-    """Config key `gptq` (a ds_quant extension; HQT has none): GPTQ-style error-compensating weight rounding
-    (gptq.py). MEASURE records each linear's input Hessian; QUANTIZE rounds the weights with it.
-    damp: added to the Hessian's diagonal as a fraction of its mean. block: columns per batched update (speed
-    only). act_order: round input channels in order of decreasing Hessian diagonal."""
-    damp: float = 0.01
-    block: int = 128
-    act_order: bool = False
+from ..errors import ConfigError
+from ..parallel.tp import UNSUPPORTED_TYPE_REASONS
+from .schemes import (
+    METHOD_SCHEMES,
+    SCHEME_ARGS,
+    SCHEME_PRESETS,
+    SCHEME_PRESETS_LATER,
+    SCHEME_ROLES,
+    SchemeChoice,
+    _parse_schemes,
+)
+from .values import (
+    _HQT_ONLY_VALUES,
+    _ROLES,
+    ATTENTION_TYPES,
+    CLI_FLAG,
+    ENV_VAR,
+    EXPERTS_TYPES,
+    HQT_OTHER_TYPES,
+    KV_CACHE_TYPES,
+    SUPPORTED_TYPES,
+    ActScope,
+    DeviceForScales,
+    Fp8Format,
+    GptqParams,
+    MeasureExclude,
+    Mode,
+    ModuleFilter,
+    Observer,
+    ScaleMethod,
+    closest,
+    parse_overrides,
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +119,7 @@ class QuantConfig:
         unknown = [k for k in data if k not in _KEYS]
         if unknown:
             k = unknown[0]
-            raise ConfigError(f"{source}: unknown key '{k}'{_closest(k, _KEYS)}; accepted keys: {', '.join(_KEYS)}")
+            raise ConfigError(f"{source}: unknown key '{k}'{closest(k, _KEYS)}; accepted keys: {', '.join(_KEYS)}")
         if "method" not in data:
             raise ConfigError(f"{source}: key 'method' is required; set \"method\": \"HOOKS\"")
         if str(data["method"]).upper() != "HOOKS":
@@ -236,7 +140,7 @@ class QuantConfig:
             device_for_scales=DeviceForScales.parse(data.get("device_for_scales", "cuda"), "device_for_scales",
                                                     source),
             **_parse_scale_params(data.get("scale_params", {}), source),
-            scale_method_overrides=_parse_overrides(data.get("scale_method_overrides", {}), source),
+            scale_method_overrides=parse_overrides(data.get("scale_method_overrides", {}), source),
             act_scope=ActScope.parse(data.get("act_scope", "global"), "act_scope", source),
             auto_blocklist_sqnr_db=_parse_sqnr_db(data.get("auto_blocklist_sqnr_db"), source),
             outlier_channels=_parse_outlier_channels(data.get("outlier_channels", 0), source),
@@ -292,7 +196,7 @@ class QuantConfig:
                                   f"{UNSUPPORTED_TYPE_REASONS[t]}")
             if t not in SUPPORTED_TYPES:
                 raise ConfigError(f"{src}: key 'allowlist.types': {t!r} is not a module type ds_quant can quantize; "
-                                  f"accepted: {', '.join(SUPPORTED_TYPES)}{_closest(t, SUPPORTED_TYPES)}")
+                                  f"accepted: {', '.join(SUPPORTED_TYPES)}{closest(t, SUPPORTED_TYPES)}")
         if self.smooth_alpha is not None and self.scale_method in (ScaleMethod.UNIT_SCALE,
                                                                    ScaleMethod.ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS):
             raise ConfigError(f"{src}: key 'smooth_alpha' needs measured input statistics, which scale_method "
@@ -326,7 +230,7 @@ def _parse_gptq(value: Any, source: str) -> GptqParams | None:
     unknown = [k for k in value if k not in _GPTQ_KEYS]
     if unknown:
         k = unknown[0]
-        raise ConfigError(f"{source}: unknown key 'gptq.{k}'{_closest(k, _GPTQ_KEYS)}; accepted: {', '.join(_GPTQ_KEYS)}")
+        raise ConfigError(f"{source}: unknown key 'gptq.{k}'{closest(k, _GPTQ_KEYS)}; accepted: {', '.join(_GPTQ_KEYS)}")
     damp, block, act_order = (value.get(k, getattr(GptqParams, k)) for k in _GPTQ_KEYS)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
         raise ConfigError(f"{source}: key 'gptq.damp': {damp!r} must be a number in (0, 1] (e.g. 0.01: 1 % of the "
@@ -381,28 +285,13 @@ def _parse_scale_params(value: Any, source: str) -> dict:
     for key, v in value.items():
         if key not in ("input_backoff", "weight_backoff"):
             raise ConfigError(f"{source}: unknown key 'scale_params.{key}'"
-                              f"{_closest(key, ('input_backoff', 'weight_backoff'))}; accepted: input_backoff, "
+                              f"{closest(key, ('input_backoff', 'weight_backoff'))}; accepted: input_backoff, "
                               "weight_backoff")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise ConfigError(f"{source}: key 'scale_params.{key}': {v!r} must be a number in (0, 1]: the fraction "
                               "of the FP8 range the measured max-abs maps to")
         out[key] = float(v)
     return out
-
-
-def _parse_overrides(value: Any, source: str, key: str = "scale_method_overrides"
-                     ) -> tuple[tuple[str, ScaleMethod], ...]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{source}: key '{key}' must be an object of name regex -> scale method, "
-                          "e.g. {\"lm_head\": \"maxabs_pow2\"}")
-    out = []
-    for pattern, method in value.items():
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"{source}: key '{key}': {pattern!r} is not a valid regex: {e}") from None
-        out.append((pattern, ScaleMethod.parse(method, f"scale_method_overrides.{pattern}", source)))
-    return tuple(out)
 
 
 def config_path_from_argv(argv: Sequence[str]) -> str | None:
@@ -445,7 +334,7 @@ def _parse_filter(value: Any, key: str, source: str) -> ModuleFilter:
                           f"got {type(value).__name__}")
     unknown = [k for k in value if k not in ("types", "names")]
     if unknown:
-        raise ConfigError(f"{source}: unknown key '{key}.{unknown[0]}'{_closest(unknown[0], ('types', 'names'))}; "
+        raise ConfigError(f"{source}: unknown key '{key}.{unknown[0]}'{closest(unknown[0], ('types', 'names'))}; "
                           "accepted: types, names")
     out = {}
     for sub in ("types", "names"):
@@ -456,7 +345,7 @@ def _parse_filter(value: Any, key: str, source: str) -> ModuleFilter:
     for t in out["types"]:
         if t not in SUPPORTED_TYPES and t not in HQT_OTHER_TYPES:
             raise ConfigError(f"{source}: key '{key}.types': unknown module type {t!r}"
-                              f"{_closest(t, SUPPORTED_TYPES + HQT_OTHER_TYPES)}; ds_quant quantizes: "
+                              f"{closest(t, SUPPORTED_TYPES + HQT_OTHER_TYPES)}; ds_quant quantizes: "
                               f"{', '.join(SUPPORTED_TYPES)}")
     for pattern in out["names"]:
         try:
@@ -486,139 +375,4 @@ def _parse_optional_path(value: Any, key: str, source: str) -> str | None:
     return None if value is None else _parse_path(value, key, source)
 
 
-def _closest(word: str, choices: Sequence[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-# -- key `scheme`: compressed-tensors' preset names (llm-compressor's `scheme=`), resolved to HQT's methods ---------
-# HQT's scale methods in compressed-tensors' terms (FP8, symmetric; the rest is the method's):
-# method: ((weights: strategy, rounding, observer), (input_activations: strategy, dynamic, rounding)).
-# `rounding` is HQT's (not compressed-tensors'): unit (scale 1), none (any float32), pow2, hw (the device's set);
-# observer "mse" is HQT's opt search. numerics/scheme.py derives the same from scales.RECIPES; a test compares them.
-_M = ScaleMethod
-METHOD_SCHEMES = {
-    _M.UNIT_SCALE: (("tensor", "unit", None), ("tensor", False, "unit")),
-    _M.MAXABS_HW: (("tensor", "hw", None), ("tensor", False, "hw")),
-    _M.MAXABS_POW2: (("tensor", "pow2", None), ("tensor", False, "pow2")),
-    _M.MAXABS_ARBITRARY: (("tensor", "none", None), ("tensor", False, "none")),
-    _M.MAXABS_HW_OPT_WEIGHT: (("tensor", "hw", "mse"), ("tensor", False, "hw")),
-    _M.MAXABS_POW2_OPT_WEIGHT: (("tensor", "pow2", "mse"), ("tensor", False, "pow2")),
-    _M.ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2: (("channel", "pow2", None), ("tensor", False, "hw")),
-    _M.ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2: (("channel", "pow2", "mse"), ("tensor", False, "hw")),
-    _M.ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2: (("channel", "pow2", None), ("tensor", False, "pow2")),
-    _M.ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2: (("channel", "pow2", "mse"), ("tensor", False, "pow2")),
-    _M.ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS: (("channel", "none", None), ("token", True, "none")),
-}
-# The presets implemented today as HQT methods (FP8: HQT's default, maxabs_hw: any scale on CUDA, Gaudi's own set)
-SCHEME_PRESETS = {"FP8": _M.MAXABS_HW, "FP8_DYNAMIC": _M.ACT_DYNAMIC_PER_TOKEN_WEIGHTS_PCS}
-# compressed-tensors' other preset names (0.20): recognised, refused with "not implemented yet".
-SCHEME_PRESETS_LATER = ("FP8_BLOCK W8A8 INT8 W8A16 W4A16 W4A16_ASYM W4AFP8 UNQUANTIZED NVFP4A16 NVFP4 MXFP4A16 MXFP4 "
-                        "MXFP4XFP8 MXFP6A16 MXFP6A8 MXFP8A16 MXFP8 W2A4 W2A8 W2A16 W3A4 W3A8 W3A16 W4A4 W4A8 W5A8 "
-                        "W5A16 W6A8 W6A16 W7A8 W7A16").split()
-SCHEME_ROLES = ("weights", "input_activations")
-SCHEME_ARGS = ("num_bits", "type", "symmetric", "strategy", "group_size", "block_structure", "dynamic", "actorder",
-               "observer", "rounding")
-_SCHEME_ENUMS = {"type": ("float", "int"), "rounding": ("none", "pow2", "hw", "unit"),
-                 "strategy": ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")}
-_MINMAX = (None, "minmax", "static_minmax", "memoryless_minmax")  # compressed-tensors' names for a plain max-abs
-_FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None,
-             "actorder": None}  # what every implemented scheme has
-
-
-@dataclass(frozen=True)
-class SchemeChoice:
-    """A `scheme` value as written: a preset name and per-role overrides ((key, value), ...)."""
-    preset: str
-    weights: tuple[tuple[str, Any], ...] = ()
-    input_activations: tuple[tuple[str, Any], ...] = ()
-
-
-def _parse_schemes(data: Mapping[str, Any], source: str) -> dict:
-    """Keys `scheme` and `scheme_overrides` -> QuantConfig fields: the choices as written, and the scale method(s)
-    they are (scale_method, scale_method_overrides). With them, the HQT keys they replace are an error."""
-    for key, hqt in (("scheme", "scale_method"), ("scheme_overrides", "scale_method_overrides")):
-        if data.get(key) is not None and hqt in data:
-            raise ConfigError(f"{source}: keys '{key}' and '{hqt}' both choose the quantization; keep one")
-    out = {}
-    if data.get("scheme") is not None:
-        out["scheme"], out["scale_method"] = _parse_scheme(data["scheme"], "scheme", source)
-    over = data.get("scheme_overrides")
-    if over is not None:
-        if not isinstance(over, Mapping):
-            raise ConfigError(f"{source}: key 'scheme_overrides' must be an object of name regex -> scheme, e.g. "
-                              "{\"lm_head\": \"FP8\"}")
-        _parse_overrides({p: "maxabs_hw" for p in over}, source, "scheme_overrides")  # the regexes
-        parsed = [(p, *_parse_scheme(v, f"scheme_overrides.{p}", source)) for p, v in over.items()]
-        out["scheme_overrides"] = tuple((p, c) for p, c, _ in parsed)
-        out["scale_method_overrides"] = tuple((p, m) for p, _, m in parsed)
-    return out
-
-
-def _parse_scheme(value: Any, key: str, source: str) -> tuple[SchemeChoice, ScaleMethod]:
-    """A preset name, or {"preset": NAME, "weights": {...}, "input_activations": {...}}, -> (choice, method)."""
-    if isinstance(value, str):
-        value = {"preset": value}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{source}: key '{key}' must be a preset name such as \"FP8_DYNAMIC\" or an object "
-                          "{\"preset\": \"FP8_DYNAMIC\", \"weights\": {...}, \"input_activations\": {...}}")
-    for k in value:
-        if k not in ("preset",) + SCHEME_ROLES:
-            raise ConfigError(f"{source}: unknown key '{key}.{k}'{_closest(k, ('preset',) + SCHEME_ROLES)}; accepted: "
-                              f"preset, {', '.join(SCHEME_ROLES)}")
-    preset = value.get("preset")
-    name = preset.strip().upper() if isinstance(preset, str) else preset
-    implemented = ", ".join(SCHEME_PRESETS)
-    if name in SCHEME_PRESETS_LATER:
-        raise ConfigError(f"{source}: key '{key}': {name}: not implemented yet; implemented: {implemented}")
-    if name not in SCHEME_PRESETS:
-        raise ConfigError(f"{source}: key '{key}': preset {preset!r} is not one of: {implemented} (compressed-tensors' "
-                          f"names){_closest(str(preset).upper(), tuple(SCHEME_PRESETS))}")
-    roles = {}
-    for role in SCHEME_ROLES:
-        over = value.get(role, {})
-        if not isinstance(over, Mapping):
-            raise ConfigError(f"{source}: key '{key}.{role}' must be an object of QuantizationArgs fields, e.g. "
-                              "{\"strategy\": \"channel\"}")
-        for k, v in over.items():
-            _check_scheme_arg(v, k, f"{key}.{role}", source)
-        roles[role] = tuple(over.items())
-    choice = SchemeChoice(name, roles["weights"], roles["input_activations"])
-    return choice, _scheme_method(choice, key, source)
-
-
-def _check_scheme_arg(v: Any, k: str, where: str, source: str) -> None:
-    if k not in SCHEME_ARGS:
-        raise ConfigError(f"{source}: unknown key '{where}.{k}'{_closest(k, SCHEME_ARGS)}; accepted: "
-                          f"{', '.join(SCHEME_ARGS)}")
-    if k in _SCHEME_ENUMS and v not in _SCHEME_ENUMS[k]:
-        raise ConfigError(f"{source}: key '{where}.{k}': {v!r} is not one of: {', '.join(_SCHEME_ENUMS[k])}")
-    if k in ("symmetric", "dynamic") and not isinstance(v, bool) and v != "local":
-        raise ConfigError(f"{source}: key '{where}.{k}': {v!r} must be true or false")
-
-
-def _scheme_method(choice: SchemeChoice, key: str, source: str) -> ScaleMethod:
-    """The HQT method a preset with its overrides is; one line naming what is not implemented otherwise."""
-    got = []
-    for role, base, over in zip(SCHEME_ROLES, METHOD_SCHEMES[SCHEME_PRESETS[choice.preset]],
-                                (choice.weights, choice.input_activations), strict=True):
-        args = dict(zip(("strategy", "rounding", "observer") if role == "weights" else
-                        ("strategy", "dynamic", "rounding"), base, strict=True), **_FP8_ARGS)
-        args.update(over)
-        for k, want in _FP8_ARGS.items():
-            if args[k] != want:
-                raise ConfigError(f"{source}: key '{key}.{role}.{k}': {args[k]!r} is not implemented yet; only FP8 "
-                                  f"({k} {want!r}); implemented presets: {', '.join(SCHEME_PRESETS)}")
-        observer = args.get("observer")
-        if observer not in _MINMAX + (("mse",) if role == "weights" else ()):
-            raise ConfigError(f"{source}: key '{key}.{role}.observer': {observer!r} is not implemented; use minmax"
-                              + (" or mse" if role == "weights" else ""))
-        got.append((args["strategy"], args["rounding"], observer if observer == "mse" else None) if role == "weights"
-                   else (args["strategy"], args["dynamic"], args["rounding"]))
-    for method, want in METHOD_SCHEMES.items():
-        if tuple(got) == want:
-            return method
-    def describe(w: tuple, i: tuple) -> str:
-        return f"weights {'/'.join(filter(None, w))} with inputs {i[0]}/{'dynamic' if i[1] else 'static'}/{i[2]}"
-    accepted = "; ".join(f"{m.value} = {describe(w, i)}" for m, (w, i) in METHOD_SCHEMES.items())
-    raise ConfigError(f"{source}: key '{key}': {describe(*got)} is not implemented; implemented: {accepted}")
+__all__ = ["ATTENTION_TYPES", "ActScope", "CLI_FLAG", "ConfigError", "DeviceForScales", "ENV_VAR", "EXPERTS_TYPES", "Fp8Format", "GptqParams", "HQT_OTHER_TYPES", "KV_CACHE_TYPES", "METHOD_SCHEMES", "MeasureExclude", "Mode", "ModuleFilter", "Observer", "QuantConfig", "SCHEME_ARGS", "SCHEME_PRESETS", "SCHEME_PRESETS_LATER", "SCHEME_ROLES", "SUPPORTED_TYPES", "ScaleMethod", "SchemeChoice", "config_path_from_argv", "resolve_config"]
