@@ -20,6 +20,7 @@ from pathlib import Path
 from ..config import QuantConfig, ScaleMethod
 from ..numerics.layer_spec import default_spec, record_scales, scaling_records, table_specs
 from . import measurements, shards
+from .atomic import atomic_write
 
 # A layer's max-abs this many times the median over layers, or an input channel this many times the
 # layer's median channel, is an outlier: a per-tensor scale set by it leaves the other values few FP8 steps.
@@ -113,9 +114,7 @@ def write_workbook(path: str | os.PathLike, merged: Mapping, shards: Sequence[Ma
                                 f"> {OUTLIER_FACTOR:g}x the layer's median channel"])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    wb.save(tmp)
-    os.replace(tmp, path)  # readers never see half a workbook
+    atomic_write(path, wb.save)  # readers never see half a workbook
     return path
 
 

@@ -19,12 +19,12 @@ dropped and the key to raise. The file is written temp + rename: never half a fi
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..log import get_logger
+from .atomic import atomic_write, glob_escape
 
 FORMAT = "ds_quant.tensors"
 DEFAULT_MAX_BYTES = 1 << 30
@@ -66,15 +66,7 @@ class TensorDump:
         meta = {"format": FORMAT, "rank": str(rank), "world_size": str(world_size), "run": run or "",
                 "max_bytes": str(self.max_bytes), "saved_bytes": str(self.saved_bytes),
                 "dropped_tensors": str(self.dropped), "first_dropped": self.first_dropped or ""}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors, tmp, metadata=meta)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(self.tensors, tmp, metadata=meta))
         if self.dropped:
             get_logger().warning(
                 f"observer 'save': reached save_max_bytes ({_size(self.max_bytes)}) on this rank at "
@@ -87,7 +79,7 @@ def remove_previous(prefix: str, rank: int) -> list[str]:
     """An earlier run's dump files under `prefix`: rank 0 removes every one it sees, other ranks their own."""
     folder, stem = os.path.split(prefix)
     gone = []
-    for p in Path(folder or ".").glob(f"{_glob_escape(stem)}_tensors_*_*.safetensors"):
+    for p in Path(folder or ".").glob(f"{glob_escape(stem)}_tensors_*_*.safetensors"):
         parts = p.name[len(stem) + len("_tensors_"):-len(".safetensors")].split("_")
         if len(parts) == 2 and all(x.isdigit() for x in parts) and (rank == 0 or int(parts[0]) == rank):
             p.unlink(missing_ok=True)
@@ -97,13 +89,3 @@ def remove_previous(prefix: str, rank: int) -> list[str]:
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _glob_escape(s: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in s)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
