@@ -30,9 +30,7 @@ from ds_quant.numerics.scales import sqnr_db
 from ds_quant.workflows import hf_model
 from ds_quant.workflows.convert import convert
 from tests.launcher import ROOT, deepspeed
-
-sys.path.insert(0, str(ROOT / "tests" / "scripts"))
-from make_tiny_hf_model import build as build_tiny_llama  # noqa: E402
+from tests.scripts.make_tiny_hf_model import build as build_tiny_llama
 
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(5))
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
