@@ -174,13 +174,13 @@ def main(argv=None) -> int:
                                        "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")})
         res["tp"] = tp
         if args.kv_cache:
-            from bench.kv_cache import kv_figures
+            from kv_cache import kv_figures
 
             res["kv_cache"] = kv_figures(args.quick, work)
     res["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(table(res))
     if "kv_cache" in res:
-        from bench.kv_cache import table as kv_table
+        from kv_cache import table as kv_table
 
         print(kv_table(res["kv_cache"], f"{res['meta']['cpu']} x{res['meta']['cores']}"))
     if args.json:
