@@ -66,7 +66,6 @@ def build_moe(out: Path, arch: str) -> Path:
     return out
 
 
-
 def folders(w: Path):
     """Four models (two MoE), measured once, and FP8 folders for six configs."""
     llama, neox = build_tiny_llama(w / "llama"), build_neox(w / "neox")
@@ -89,7 +88,6 @@ def folders(w: Path):
     for name, (src, c) in cases.items():
         convert(src, w / f"fp8_{name}", c, progress=False)
     return w, cases
-
 
 
 def in_memory(src: Path, config: dict):

@@ -105,7 +105,6 @@ def test_convert_writes_fused_experts_as_per_expert_fp8_linears(work):
     assert f.meta["model.layers.1.mlp.experts.3.up_proj.weight"][0] == "BF16"
 
 
-
 def test_convert_failure_leaves_nothing_at_out_dir(work, tmp_path):
     w, cases = work
     src, config = cases["llama_hw"]
@@ -192,7 +191,6 @@ def test_hf_with_compressed_tensors_loads_our_moe_folder(work):
     print(f"MoE: HF+compressed-tensors vs ds_quant logits SQNR {sqnr_db(ours, theirs):.1f} dB; ds_quant vs bf16 "
           f"{sqnr_db(ours, bf16):.1f} dB")
     assert sqnr_db(ours, theirs) >= 20
-
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -241,7 +241,6 @@ def test_folder_of_another_model_is_refused_naming_the_layer(work):
         from_folder(bad, cases["llama_hw"][1])
 
 
-
 # -- TP=2 through the real launcher ---------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_fp8_folder_at_tp2_equals_in_memory_quantize(work):
