@@ -1,6 +1,6 @@
 """Experiment: GPTQ-style FP8 weight rounding vs round-to-nearest on SmolLM2-135M, TP=1, one process.
 
-    .venv/bin/python bench/gptq_smollm2.py [--out out/gptq/tp1.json] [--rows rtn gptq gptq_act]
+    .venv/bin/python -m bench.gptq_smollm2 [--out out/gptq/tp1.json] [--rows rtn gptq gptq_act]
 
 The setup of examples/smollm2_accuracy.py (calibration windows 0-3, evaluation windows 4-11 of 256 tokens of
 pydoc text, bf16 reference logits of the same process): MEASURE with recommended_measure.json; Hessians
@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from examples import smollm2  # run with -m from the repository root, which puts the root on sys.path
+from examples import smollm2_accuracy as acc
 
-import smollm2  # noqa: E402
-import smollm2_accuracy as acc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ROWS = {"rtn": None, "gptq": {"damp": 0.01, "block": 128, "act_order": False},
         "gptq_act": {"damp": 0.01, "block": 128, "act_order": True}}

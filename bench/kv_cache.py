@@ -27,9 +27,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 SIZES = {False: {"contexts": (1024, 8192), "steps": 12}, True: {"contexts": (1024, 4096), "steps": 6}}
 
 
@@ -157,7 +154,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.out, tuple(int(c) for c in args.contexts.split(",")), args.steps, args.workdir)
         return 0
-    from bench.gemm import cpu_info
+    from gemm import cpu_info  # bench/ is sys.path[0] when run as a script
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/merge_bench.py [--shards 64] [--layers 1000] [--width 1024] [--no-70b]
 
-`bench/run.py` takes its `merge_seconds_64x1000` from `ds_quant.files.sf.bench_merge()`.
+`bench/run.py` takes its `merge_seconds_64x1000` from `ds_quant.testing.bench_merge()`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_quant import testing
 from ds_quant.files import measurements as ms
-from ds_quant.files import shards as sf
 
 # Llama-2-70B: hidden 8192, MLP 28672, 80 decoder layers, 8 kv heads, vocab 32000.
 LLAMA_70B = {"hidden": 8192, "mlp": 28672, "layers": 80, "kv": 1024, "vocab": 32000}
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--no-70b", action="store_true", help="skip the 70B-like file sizes (~20 s)")
     args = p.parse_args()
-    result = {"merge": sf.bench_merge(args.shards, args.layers, args.width)}
+    result = {"merge": testing.bench_merge(args.shards, args.layers, args.width)}
     if not args.no_70b:
         result["llama70b_merged_file"] = file_sizes_70b()
     print(json.dumps(result, indent=1))

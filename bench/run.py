@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from gemm import cpu_info, cuda_gemm_fp8_over_bf16, gemm_table  # bench/ is sys.path[0] when run as a script
 
 from ds_quant.files import shards as sf
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.gemm import cpu_info, cuda_gemm_fp8_over_bf16, gemm_table  # noqa: E402
 
 KEYS = ("weight_bytes_ratio", "measure_overhead", "prefill_speedup", "decode_speedup", "convert_seconds_per_gb",
         "merge_seconds_64x1000", "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")
@@ -100,7 +98,9 @@ def tp_figures(sizes: dict, work: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            str(ROOT / "bench" / "tp_worker.py"), "--out", str(out), "--workdir", str(work)]
     cmd += [a for k, v in sizes.items() for a in (f"--{k}", str(v))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_QUANT_LOG_LEVEL": "WARNING"}
+    # tp_worker.py imports examples/accuracy.py, and this checkout's ds_quant (not another install)
+    path = os.pathsep.join(filter(None, [str(ROOT / "examples"), str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_QUANT_LOG_LEVEL": "WARNING", "PYTHONPATH": path}
     env.pop("QUANT_CONFIG", None)
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -174,13 +174,13 @@ def main(argv=None) -> int:
                                        "minilm_cosine", "tinylm_ppl_bf16", "tinylm_ppl_fp8")})
         res["tp"] = tp
         if args.kv_cache:
-            from bench.kv_cache import kv_figures
+            from kv_cache import kv_figures
 
             res["kv_cache"] = kv_figures(args.quick, work)
     res["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     print(table(res))
     if "kv_cache" in res:
-        from bench.kv_cache import table as kv_table
+        from kv_cache import table as kv_table
 
         print(kv_table(res["kv_cache"], f"{res['meta']['cpu']} x{res['meta']['cores']}"))
     if args.json:

@@ -12,19 +12,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT))
-
-import ds_quant  # noqa: E402
-from ds_quant.layers.linear import Fp8Linear, MeasuredLinear  # noqa: E402
-from ds_quant.numerics import ops  # noqa: E402
+import ds_quant
+from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
+from ds_quant.numerics import ops
 
 
 def llama(hidden: int, inter: int, layers: int):

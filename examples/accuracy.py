@@ -19,16 +19,14 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import ds_quant
+from ds_quant.report import quantize_with_report
 
-import ds_quant  # noqa: E402
-from ds_quant.report import quantize_with_report  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 TINY_LLAMA = HERE / "tiny_llama_trained"
 # Pairs of paraphrases on unrelated topics: each sentence's nearest neighbour is its pair.

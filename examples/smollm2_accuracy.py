@@ -27,16 +27,17 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+try:
+    import smollm2  # run as a script: this folder is sys.path[0]
+except ModuleNotFoundError:  # imported from the repository root (tests, bench)
+    from examples import smollm2
 
-import smollm2  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 WINDOW = 256
 FIRST_EVAL = 4  # the recipe: calibrate on windows 0..3, score the next ones

@@ -1,14 +1,11 @@
-"""Make the repository root importable so tests can share the benchmark's data generators (bench/); shared
-fixtures."""
+"""Shared fixtures. The repository root is on sys.path through setup.cfg's `pythonpath = .`, so tests import
+`tests.*` (the launcher, the tiny model builder) and `bench.*` from it."""
 
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.scripts.make_tiny_hf_model import build as build_tiny_llama
 
 
 @pytest.fixture
@@ -23,8 +20,4 @@ def caplog_ds(caplog):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny seeded Llama as an HF folder (tests/scripts/make_tiny_hf_model.py), built once per session."""
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("make_tiny_hf_model", root / "tests" / "scripts" / "make_tiny_hf_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.build(tmp_path_factory.mktemp("tiny_hf")))
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny_hf")))

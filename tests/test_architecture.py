@@ -62,6 +62,14 @@ def test_wings_import_only_downwards_and_nothing_imports_a_face_but_faces():
     assert not bad, "imports running back up the wings:\n" + "\n".join(bad)
 
 
+
+def test_nothing_in_the_package_imports_the_testing_module():
+    """ds_quant.testing is for tests and benchmarks (it sits with the faces, so it may import any wing)."""
+    users = [f"{m} (line {node.lineno})" for m, p in modules().items() for t, node, _ in own_imports(m, p)
+             if t == "testing"]
+    assert wing("testing") == "face" and not users, users
+
+
 def test_no_import_cycles():
     graph = {m: {t for t, _, _ in own_imports(m, p) if t and not m.startswith(t + ".")} for m, p in modules().items()}
     seen, stack, cycles = set(), [], []

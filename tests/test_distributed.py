@@ -114,7 +114,7 @@ def test_fp8_weights_take_half_the_bytes(runs):
 
 def test_tp2_fp8_logits_close_to_bf16(runs):
     """Threshold 20 dB: five FP8 GEMMs in series (4 decoder layers + lm_head) on a random-init model, each
-    ~26 dB (tests/test_scales.py); the same model quantized in a single process scores ~23 dB, so TP must not
+    ~26 dB (tests/numerics/test_scales.py); the same model quantized in a single process scores ~23 dB, so TP must not
     cost more than ~3 dB. A wrong scale, a dropped allreduce or a mis-sliced lm_head falls far below."""
     work, out = runs
     bf16, fp8 = torch.load(work / "bf16.pt"), torch.load(work / "fp8_tp2.pt")

@@ -19,10 +19,7 @@ CONFIGS = ROOT / "examples" / "configs"
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import smollm2
+    from examples import smollm2
 
     try:
         return smollm2.ensure()
@@ -109,9 +106,6 @@ def test_row_names_become_configs():
 
 
 def _accuracy_module():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import smollm2_accuracy
+    from examples import smollm2_accuracy
 
     return smollm2_accuracy

@@ -6,11 +6,8 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import MeasurementError
 from .atomic import gc_paused, glob_escape
@@ -199,47 +196,3 @@ def read_local(prefix: str) -> tuple[dict, str]:
     docs = [load(p) for p in plan[0]]
     return (docs[0] if what == "merged" else merge(docs, where=where)), where
 
-
-# -- benchmark ---------------------------------------------------------------------------------------------
-def synthetic_shards(n_shards: int, n_layers: int, width: int = 1024) -> list[dict]:
-    """Shards of a made-up model: `n_layers` linears of `width` inputs, 5 in 7 column-parallel (inputs
-    replicated: every shard carries the full vector), the rest row-parallel (split unevenly when
-    `width` does not divide). Deterministic."""
-    rng = np.random.default_rng(0)
-    base, extra = divmod(width, n_shards)
-    sizes = [base + (r < extra) for r in range(n_shards)]
-    shards = []
-    for rank in range(n_shards):
-        layers = {}
-        for i in range(n_layers):
-            kind = "row" if i % 7 in (3, 6) else "column"
-            n = sizes[rank] if kind == "row" else width
-            vec = rng.random(n, dtype=np.float32)  # as the observers give it
-            layers[f"model.layers.{i // 7}.linear{i % 7}"] = {
-                "kind": kind, "in_features": width, "out_features": width, "local_in_features": n,
-                "partition_sizes": sizes, "input_amax": float(vec.max()) if n else 0.0, "input_channel_amax": vec,
-                "output_amax": 1.0, "weight_amax": 0.5, "samples": 64}
-        shards.append(make_shard(layers, rank, n_shards, "maxabs", "bfloat16"))
-    return shards
-
-
-def bench_merge(n_shards: int = 64, n_layers: int = 1000, width: int = 1024, folder: str | None = None) -> dict:
-    """Seconds to merge `n_shards` synthetic shards of `n_layers` linears: in memory (what the online
-    merge does after the gather) and offline from files (load every shard, merge, write). For
-    `bench/run.py`'s `merge_seconds_64x1000`, read `["merge_seconds"]`."""
-    shards = synthetic_shards(n_shards, n_layers, width)
-    t0 = time.perf_counter()
-    merge(shards)
-    in_memory = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        prefix = os.path.join(tmp, "stats")
-        for s in shards:
-            atomic_write_json(shard_path(prefix, s["rank"], n_shards), s)
-        shard_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir())
-        t0 = time.perf_counter()
-        out = merge_files(prefix)
-        offline = time.perf_counter() - t0
-        merged_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir()) - shard_bytes
-        del out
-    return {"n_shards": n_shards, "n_layers": n_layers, "width": width, "merge_seconds": in_memory,
-            "offline_merge_seconds": offline, "shard_bytes": shard_bytes, "merged_bytes": merged_bytes}

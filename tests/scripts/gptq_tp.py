@@ -18,7 +18,7 @@ from ds_quant.layers.linear import Fp8Linear
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 path, measure_cfg, quant_cfg, out = args
 world, rank = int(os.getenv("WORLD_SIZE", "1")), int(os.getenv("RANK", "0"))
-calib = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(7))  # as tests/test_gptq.py
+calib = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(7))  # as tests/numerics/test_gptq.py
 evals = torch.randint(3, 250, (2, 32), generator=torch.Generator().manual_seed(8))
 
 

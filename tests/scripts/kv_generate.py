@@ -1,4 +1,4 @@
-"""A generate script that knows nothing of ds_quant (run under launch/run.py), for tests/test_kv_cache.py.
+"""A generate script that knows nothing of ds_quant (run under launch/run.py), for tests/layers/test_kv_cache.py.
 
     deepspeed --num_gpus 2 launch/run.py --quant-config CFG kv_generate.py OUT_PREFIX
 

@@ -13,7 +13,7 @@ from ds_quant.layers.linear import Fp8Linear, MeasuredLinear
 from ds_quant.numerics.layer_spec import resolve
 from ds_quant.numerics.scales import sqnr_db
 from ds_quant.parallel.tp import TPLayout
-from tests.test_ds_layers import build
+from tests.layers.test_linear import build
 
 layers = pytest.importorskip("deepspeed.module_inject.layers")
 OUTLIERS = [3, 17, 40, 150]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ds_quant import testing
 from ds_quant.errors import MeasurementError
 from ds_quant.files import measurements as ms
 from ds_quant.files import shards as sf
@@ -372,7 +373,7 @@ def test_check_layers_accepts_unknown_shapes_of_imported_files():
 
 
 def test_bench_merge_runs_small():
-    result = sf.bench_merge(n_shards=4, n_layers=14, width=100)
+    result = testing.bench_merge(n_shards=4, n_layers=14, width=100)
     assert result["n_shards"] == 4 and result["merge_seconds"] > 0 and result["offline_merge_seconds"] > 0
     assert result["shard_bytes"] > result["merged_bytes"] > 0
 

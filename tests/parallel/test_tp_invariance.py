@@ -5,6 +5,7 @@ input scale and slice: the scales themselves are checked, not only the logits.
 """
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -19,19 +20,17 @@ from tests.launcher import ROOT, deepspeed
 pytestmark = pytest.mark.distributed
 
 # examples/run.py, unchanged, plus each FP8 layer's input scale and input slice in its --report.
-PROBE = textwrap.dedent(f"""
-    import sys
-    sys.path.insert(0, {str(ROOT / "examples")!r})
-    import run
+PROBE = textwrap.dedent("""
+    import run  # examples/run.py: launch() puts examples/ on PYTHONPATH
 
     plain_report = run.linear_report
 
     def report(model, world_size):
         rep = plain_report(model, world_size)
-        rep["input_scales"] = {{n: float(m.input_scale) for n, m in model.named_modules()
-                               if type(m).__name__ == "Fp8Linear" and m.input_scale is not None}}
-        rep["input_slices"] = {{n: [s.start, s.stop] for n, m in model.named_modules()
-                               if type(m).__name__ == "Fp8Linear" and (s := m.layout.input_slice()) is not None}}
+        rep["input_scales"] = {n: float(m.input_scale) for n, m in model.named_modules()
+                               if type(m).__name__ == "Fp8Linear" and m.input_scale is not None}
+        rep["input_slices"] = {n: [s.start, s.stop] for n, m in model.named_modules()
+                               if type(m).__name__ == "Fp8Linear" and (s := m.layout.input_slice()) is not None}
         return rep
 
     run.linear_report = report
@@ -40,7 +39,8 @@ PROBE = textwrap.dedent(f"""
 
 
 def launch(ranks: int, *args: str, cwd: Path) -> str:
-    return deepspeed(ranks, cwd / "probe.py", *args, cwd=cwd, OMP_NUM_THREADS="1")
+    path = os.pathsep.join(filter(None, [str(ROOT / "examples"), os.environ.get("PYTHONPATH")]))
+    return deepspeed(ranks, cwd / "probe.py", *args, cwd=cwd, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ import torch
 from ds_quant.numerics import kernels, ops
 from ds_quant.numerics.scales import sqnr_db
 from ds_quant.workflows import kv_attention
-from tests.test_kv_cache import attention_reference
+from tests.layers.test_kv_cache import attention_reference
 assert kernels.available()
 print("ISA", kernels.cpu_kernel().isa)
 g = torch.Generator().manual_seed(0)
@@ -361,8 +361,7 @@ def test_generate_under_transformers4(tmp_path):
     code = f"""
 import json, sys, torch, ds_quant, transformers
 from ds_quant.layers import kv_cache
-sys.path.insert(0, {str(ROOT)!r})
-from tests.test_kv_cache import tiny_llama, PROMPTS
+from tests.layers.test_kv_cache import tiny_llama, PROMPTS
 base = {{"method": "HOOKS", "dump_stats_path": {str(tmp_path / "m")!r}}}
 m = ds_quant.prep_model(tiny_llama(), {{**base, "mode": "MEASURE"}})
 with torch.no_grad():

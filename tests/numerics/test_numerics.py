@@ -1,8 +1,8 @@
 """Every scale method, per-channel weights, dynamic per-token activations, device profiles, FP8 rounding.
 
-SQNR floors come from bench/numerics_table.py (fixed seeds) minus a margin: E4M3 keeps 3 mantissa bits, so
-each operand carries ~29 dB of rounding noise in the normal range and a GEMM output ~26-29 dB. A floor 1.5-3
-dB under the measured value still fails on any real defect (a wrong scale costs >= 6 dB: one binade).
+SQNR floors come from bench/numerics_table.py (ds_quant.testing's data, fixed seeds) minus a margin: E4M3 keeps
+3 mantissa bits, so each operand carries ~29 dB of rounding noise in the normal range and a GEMM output ~26-29 dB.
+A floor 1.5-3 dB under the measured value still fails on any real defect (a wrong scale costs >= 6 dB: one binade).
 """
 
 import math
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import ds_quant
-from bench.numerics_table import KINDS, layer_sqnr, make_data, quantize
 from ds_quant.config import DeviceForScales, QuantConfig, ScaleMethod
 from ds_quant.layers.linear import Fp8Linear
 from ds_quant.numerics.layer_spec import resolve
@@ -29,6 +28,7 @@ from ds_quant.numerics.scales import (
     to_fp8_saturated,
     weight_to_scale,
 )
+from ds_quant.testing import KINDS, layer_sqnr, make_data, quantize
 
 METHODS = list(ScaleMethod)
 PER_TENSOR_TO_PCS = {ScaleMethod.MAXABS_POW2: ScaleMethod.ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2,

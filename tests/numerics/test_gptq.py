@@ -379,7 +379,7 @@ def test_convert_with_gptq_writes_the_weights_in_memory_quantize_rounds(measured
     from safetensors.torch import load_file
 
     from ds_quant.workflows.convert import convert
-    from tests.test_checkpoint import from_folder
+    from tests.workflows.fp8_folders import from_folder
 
     path, prefix = measured
     quant = {**QUANT, "outlier_channels": 0, "dump_stats_path": prefix, "gptq": {"act_order": True}}

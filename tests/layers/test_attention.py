@@ -1,7 +1,7 @@
 """FP8 attention matmuls and softmax (HQT's Matmul / Softmax) through transformers' attention interface.
 
-Single process here; tests/test_kv_cache.py's TP=2 launch runs them through the real launcher (records merged over
-both ranks, FP8 attention routed on every rank)."""
+Single process here; tests/layers/test_kv_cache.py's TP=2 launch runs them through the real launcher (records merged
+over both ranks, FP8 attention routed on every rank)."""
 
 import json
 
