@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
 
 FORMAT = "ds_quant.measurements"
 VERSION = 1
-KINDS = ("column", "row", "lm-head", "plain")  # = tp.Kind's values (tests/test_ds_layers.py checks)
+KINDS = ("column", "row", "lm-head", "plain")  # = tp.Kind's values (tests/layers/test_linear.py checks)
 # Above this many channel values in one file, vectors go to the companion binary: a 70B-like merged file
 # is 124 MB as JSON and 25 MB as float32 (bench/merge_bench.py), and loads in ~2.1 s vs ~0.23 s.
 INLINE_MAX_VALUES = 1 << 16

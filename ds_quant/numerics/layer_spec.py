@@ -87,7 +87,7 @@ class LayerSpec:
     @property
     def scheme(self) -> QuantScheme:
         """The layer's scheme in compressed-tensors' terms (scheme.py), HQT's rounding, backoffs, FP8 flavour and
-        device profile filled in; `scheme.recipe_of(spec.scheme) == spec.recipe` (tests/test_scheme.py)."""
+        device profile filled in; `scheme.recipe_of(spec.scheme) == spec.recipe` (tests/numerics/test_scheme.py)."""
         return scheme_of(self.recipe, self.fp8_format, self.device_for_scales, self.input_backoff,
                          self.weight_backoff)
 
