@@ -44,7 +44,7 @@ def own_imports(mod: str, path: Path):
         for alias in node.names:
             full = f"{base}.{alias.name}" if base else alias.name
             target = full if full in mods else base
-            if target and target != mod:
+            if target:
                 yield target, node, id(node) in top
 
 
@@ -62,7 +62,6 @@ def test_wings_import_only_downwards_and_nothing_imports_a_face_but_faces():
     assert not bad, "imports running back up the wings:\n" + "\n".join(bad)
 
 
-
 def test_nothing_in_the_package_imports_the_testing_module():
     """ds_quant.testing is for tests and benchmarks (it sits with the faces, so it may import any wing)."""
     users = [f"{m} (line {node.lineno})" for m, p in modules().items() for t, node, _ in own_imports(m, p)
@@ -70,8 +69,14 @@ def test_nothing_in_the_package_imports_the_testing_module():
     assert wing("testing") == "face" and not users, users
 
 
+def test_no_module_imports_itself():
+    selfish = [f"{m}:{node.lineno}" for m, p in modules().items() for t, node, _ in own_imports(m, p) if t == m and m]
+    assert not selfish, selfish
+
+
 def test_no_import_cycles():
-    graph = {m: {t for t, _, _ in own_imports(m, p) if t and not m.startswith(t + ".")} for m, p in modules().items()}
+    graph = {m: {t for t, _, _ in own_imports(m, p) if t and t != m and not m.startswith(t + ".")}
+             for m, p in modules().items()}
     seen, stack, cycles = set(), [], []
 
     def visit(m):

@@ -21,7 +21,6 @@ from typing import TypeVar
 
 from ..errors import DsQuantError, RankError
 from ..log import current_rank
-from . import dist
 
 T = TypeVar("T")
 
@@ -234,4 +233,4 @@ def shutdown() -> None:
 
 def talk_group(group, world: int):
     """The TP group to talk over; `dist.LOCAL` (no communication) for a model that is not tensor-parallel."""
-    return group if world > 1 else dist.LOCAL
+    return group if world > 1 else LOCAL
