@@ -16,13 +16,13 @@ scheme is `scheme_of(spec)`: derived from its `LayerSpec`'s recipe, backoffs, FP
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from ..config import METHOD_SCHEMES, DeviceForScales, Fp8Format, ScaleMethod
-from .scales import INPUT_BACKOFF, RECIPES, WEIGHT_BACKOFF, Act, Recipe, Rounding
+from ..config import DeviceForScales, Fp8Format
+from .scales import INPUT_BACKOFF, WEIGHT_BACKOFF, Act, Recipe, Rounding
 
 UNIT = "unit"  # HQT's unit_scale: scale 1, no rounding (a `rounding` value beside scales.Rounding's)
 
@@ -165,26 +165,3 @@ def recipe_of(scheme: QuantScheme) -> Recipe:
                   weight_unit=w.rounding == UNIT, weight_per_channel=w.strategy == "channel",
                   weight_rounding=Rounding.NONE if w.rounding in (UNIT, None) else Rounding(w.rounding),
                   weight_opt=w.observer == "mse")
-
-
-def method_of(scheme: QuantScheme) -> ScaleMethod:
-    """The HQT scale method that quantizes as `scheme` says (its recipe's)."""
-    recipe = recipe_of(scheme)
-    for method, r in RECIPES.items():
-        if r == recipe:
-            return method
-    raise NotImplementedError(f"{scheme}: no HQT scale method quantizes so")
-
-
-def config_method_scheme(method: ScaleMethod) -> QuantScheme:
-    """The scheme config.METHOD_SCHEMES (the words config key `scheme` is resolved with) gives `method`."""
-    (ws, wr, wo), (ins, dyn, ir) = METHOD_SCHEMES[ScaleMethod(method)]
-    return QuantScheme(_fp8(ws, observer=wo, rounding=wr), _fp8(ins, dynamic=dyn, rounding=ir))
-
-
-def without_hqt(scheme: QuantScheme) -> QuantScheme:
-    """The scheme with HQT's fields cleared (what compressed-tensors sees)."""
-    def clear(a: QuantArgs | None) -> QuantArgs | None:
-        return None if a is None else replace(a, **dict.fromkeys(_HQT_FIELDS))
-    return QuantScheme(clear(scheme.weights), clear(scheme.input_activations), clear(scheme.output_activations),
-                       scheme.format)

@@ -10,18 +10,31 @@ from ds_quant.config import METHOD_SCHEMES, SCHEME_PRESETS, SCHEME_PRESETS_LATER
 from ds_quant.errors import ConfigError
 from ds_quant.numerics import layer_spec
 from ds_quant.numerics.scales import RECIPES
-from ds_quant.numerics.scheme import (
-    PRESETS,
-    QuantArgs,
-    QuantScheme,
-    config_method_scheme,
-    method_of,
-    recipe_of,
-    without_hqt,
-)
+from ds_quant.numerics.scheme import _HQT_FIELDS, PRESETS, QuantArgs, QuantScheme, _fp8, recipe_of
 
 ct = pytest.importorskip("compressed_tensors.quantization")
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
+
+
+# -- helpers: the two tables the `scheme` key and the recipes are made from, compared below ----------------------
+def method_of(scheme: QuantScheme) -> ScaleMethod:
+    """The HQT scale method that quantizes as `scheme` says (its recipe's)."""
+    recipe = recipe_of(scheme)
+    return next(m for m, r in RECIPES.items() if r == recipe)
+
+
+def config_method_scheme(method: ScaleMethod) -> QuantScheme:
+    """The scheme config.METHOD_SCHEMES (the words config key `scheme` is resolved with) gives `method`."""
+    (ws, wr, wo), (ins, dyn, ir) = METHOD_SCHEMES[ScaleMethod(method)]
+    return QuantScheme(_fp8(ws, observer=wo, rounding=wr), _fp8(ins, dynamic=dyn, rounding=ir))
+
+
+def without_hqt(scheme: QuantScheme) -> QuantScheme:
+    """The scheme with HQT's fields cleared (what compressed-tensors sees)."""
+    def clear(a):
+        return None if a is None else dataclasses.replace(a, **dict.fromkeys(_HQT_FIELDS))
+    return QuantScheme(clear(scheme.weights), clear(scheme.input_activations), clear(scheme.output_activations),
+                       scheme.format)
 
 
 def cfg(**kw):
